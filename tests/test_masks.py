@@ -1,0 +1,240 @@
+"""Deterministic masks (ALGORITHM.md section 5): golden vectors, stability, independence, packing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from impart_peft import compress_delta
+from impart_peft.masks import (
+    FACTOR_U,
+    FACTOR_V,
+    THRESHOLD_ONE,
+    element_hash,
+    hash32_reference,
+    keep_mask,
+    keep_prob_from_threshold,
+    keep_threshold_from_prob,
+    pack_columns,
+    stream_key,
+    unpack_columns,
+)
+
+# Computed once from the hash definition in masks.py (commit dec3091) and never recomputed: a change to the
+# hash, the key derivation or the row/column convention changes every mask of every adapter and must fail here.
+GOLDEN_STREAM_KEYS = {
+    (0, "", "U"): (2104318322, 61171773),
+    (7, "model.layers.0.self_attn.q_proj", "V"): (3782393229, 4290985292),
+}
+GOLDEN_HASHES = {
+    (0, "", "U", 0, 0): 24569024,
+    (0, "", "V", 0, 0): 407968938,
+    (1, "", "U", 0, 0): 567585578,
+    (0, "a", "U", 0, 0): 1944906440,
+    (0, "a", "U", 1, 0): 1478476180,
+    (0, "a", "U", 0, 1): 4010789756,
+    (42, "model.layers.0.mlp.up_proj", "U", 5, 17): 2469413697,
+    (42, "model.layers.0.mlp.up_proj", "V", 5, 17): 766397917,
+    (2**31 + 5, "x.y", "V", 4095, 11007): 2767552993,
+    (123, "ünï", "U", 100000, 3): 2442378789,
+}
+# element_hash(3, "layer", "V", columns=[0, 2, 9], num_rows=5): rows x columns.
+GOLDEN_BLOCK = [
+    [621166617, 3441038601, 594408608],
+    [3943236323, 708187608, 121382621],
+    [2455168831, 4223296427, 4160703433],
+    [2895015369, 1484314674, 1403071016],
+    [2110773060, 3876007705, 641078899],
+]
+# keep_mask(3, "layer", "U", thresholds of q = [1, 0.7, 0.5, 0.3, 0], 16 rows), one list per column.
+GOLDEN_THRESHOLDS = [4294967296, 3006477056, 2147483648, 1288490240, 0]
+GOLDEN_MASK_COLUMNS = [
+    [1] * 16,
+    [1, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0],
+    [0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0],
+    [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0],
+    [0] * 16,
+]
+
+
+def test_golden_stream_keys():
+    for args, expected in GOLDEN_STREAM_KEYS.items():
+        assert stream_key(*args) == expected
+
+
+def test_golden_reference_hashes():
+    for args, expected in GOLDEN_HASHES.items():
+        assert hash32_reference(*args) == expected, args
+
+
+def test_tensor_hash_matches_golden_and_reference():
+    for (seed, name, factor, column, row), expected in GOLDEN_HASHES.items():
+        block = element_hash(seed, name, factor, torch.tensor([column]), row + 1)
+        assert block.dtype == torch.int64
+        assert int(block[row, 0]) == expected
+    block = element_hash(3, "layer", FACTOR_V, torch.tensor([0, 2, 9]), 5)
+    assert block.tolist() == GOLDEN_BLOCK
+
+
+def test_tensor_hash_equals_reference_on_a_grid():
+    # Every element of a block, including large column indices and a chunked layout (many rows).
+    columns = torch.tensor([0, 1, 2, 31, 1000, 4095, 70000])
+    rows = 300
+    block = element_hash(11, "m.l", FACTOR_U, columns, rows)
+    for j, column in enumerate(columns.tolist()):
+        for row in range(0, rows, 7):
+            assert int(block[row, j]) == hash32_reference(11, "m.l", FACTOR_U, column, row)
+    assert int(block.min()) >= 0 and int(block.max()) < 2**32
+
+
+def test_golden_mask_bits():
+    threshold = keep_threshold_from_prob(torch.tensor([1.0, 0.7, 0.5, 0.3, 0.0]))
+    assert threshold.tolist() == GOLDEN_THRESHOLDS
+    mask = keep_mask(3, "layer", FACTOR_U, threshold, 16)
+    assert mask.dtype == torch.bool and mask.shape == (16, 5)
+    assert mask.t().int().tolist() == GOLDEN_MASK_COLUMNS
+
+
+def test_mask_is_hash_below_threshold():
+    threshold = torch.tensor([THRESHOLD_ONE, 3_000_000_000, 1_000_000_000, 1, 0, 2**31])
+    rows = 257
+    mask = keep_mask(5, "blk", FACTOR_V, threshold, rows)
+    hashes = element_hash(5, "blk", FACTOR_V, torch.arange(threshold.numel()), rows)
+    assert torch.equal(mask, hashes < threshold.unsqueeze(0))
+    assert mask[:, 0].all() and not mask[:, 4].any()
+
+
+def test_mask_columns_are_independent_of_the_other_columns():
+    # Column k's mask depends on k and its own threshold only: not on how many columns are generated or on
+    # the thresholds of the others (a loader may generate a subset).
+    threshold = keep_threshold_from_prob(torch.tensor([1.0, 0.9, 0.6, 0.4, 0.2, 0.05]))
+    full = keep_mask(9, "x", FACTOR_U, threshold, 100)
+    assert torch.equal(keep_mask(9, "x", FACTOR_U, threshold[:3], 100), full[:, :3])
+    shuffled = threshold.clone()
+    shuffled[0] = threshold[4]
+    assert torch.equal(keep_mask(9, "x", FACTOR_U, shuffled, 100)[:, 1:], full[:, 1:])
+    hashes = element_hash(9, "x", FACTOR_U, torch.tensor([4]), 100)
+    assert torch.equal(full[:, 4], hashes[:, 0] < threshold[4])
+
+
+def test_mask_same_on_every_call():
+    threshold = keep_threshold_from_prob(torch.linspace(1.0, 0.05, 40))
+    first = keep_mask(1, "a.b", FACTOR_U, threshold, 333)
+    for _ in range(3):
+        assert torch.equal(keep_mask(1, "a.b", FACTOR_U, threshold, 333), first)
+    # Rows are a prefix: a factor with more rows extends the mask, it does not reshuffle it.
+    assert torch.equal(keep_mask(1, "a.b", FACTOR_U, threshold, 1000)[:333], first)
+
+
+def test_mask_keep_rate_matches_threshold():
+    q = torch.tensor([0.9, 0.5, 0.1, 0.01])
+    mask = keep_mask(0, "rate", FACTOR_V, keep_threshold_from_prob(q), 20000)
+    rate = mask.double().mean(0)
+    std = (q.double() * (1 - q.double()) / 20000).sqrt()
+    assert ((rate - q.double()).abs() < 5 * std).all(), rate
+
+
+def test_mask_different_for_other_seed_name_factor_column():
+    threshold = keep_threshold_from_prob(torch.full((8,), 0.5))
+    base = keep_mask(0, "layer.0", FACTOR_U, threshold, 512)
+    others = {
+        "seed": keep_mask(1, "layer.0", FACTOR_U, threshold, 512),
+        "name": keep_mask(0, "layer.1", FACTOR_U, threshold, 512),
+        "factor": keep_mask(0, "layer.0", FACTOR_V, threshold, 512),
+    }
+    for what, other in others.items():
+        agreement = (other == base).double().mean().item()
+        assert 0.4 < agreement < 0.6, (what, agreement)  # independent: half the bits agree
+    columns = (base[:, :-1] == base[:, 1:]).double().mean().item()
+    assert 0.4 < columns < 0.6, columns
+
+
+def test_hash_rejects_bad_keys():
+    with pytest.raises(ValueError, match="factor"):
+        stream_key(0, "x", "W")
+    with pytest.raises(ValueError, match="seed"):
+        stream_key(-1, "x", FACTOR_U)
+    with pytest.raises(ValueError, match="seed"):
+        stream_key(1.5, "x", FACTOR_U)
+
+
+_SUBPROCESS = """
+import json, torch
+from impart_peft.masks import element_hash, keep_mask, keep_threshold_from_prob
+t = keep_threshold_from_prob(torch.tensor([1.0, 0.7, 0.5, 0.3, 0.0]))
+print(json.dumps({
+    "mask": keep_mask(3, "layer", "U", t, 16).t().int().tolist(),
+    "block": element_hash(3, "layer", "V", torch.tensor([0, 2, 9]), 5).tolist(),
+    "big": keep_mask(77, "p.q", "V", keep_threshold_from_prob(torch.linspace(1, 0.1, 64)), 999).sum(0).tolist(),
+}))
+"""
+
+
+def test_mask_same_in_a_fresh_process():
+    env = dict(os.environ, PYTHONHASHSEED="12345")  # the key must not depend on Python's salted hash()
+    out = subprocess.run([sys.executable, "-c", _SUBPROCESS], capture_output=True, text=True, env=env, check=True)
+    got = json.loads(out.stdout)
+    assert got["mask"] == GOLDEN_MASK_COLUMNS
+    assert got["block"] == GOLDEN_BLOCK
+    here = keep_mask(77, "p.q", FACTOR_V, keep_threshold_from_prob(torch.linspace(1, 0.1, 64)), 999)
+    assert got["big"] == here.sum(0).tolist()
+
+
+def test_threshold_roundtrip():
+    q = torch.tensor([1.0, 0.75, 0.5, 2**-20, 0.0], dtype=torch.float64)
+    threshold = keep_threshold_from_prob(q)
+    assert threshold.dtype == torch.int64
+    assert threshold[0] == THRESHOLD_ONE and threshold[-1] == 0
+    assert torch.equal(keep_prob_from_threshold(threshold), q)  # dyadic q survive exactly
+    # Out-of-range probabilities are clamped, never wrapped.
+    assert keep_threshold_from_prob(torch.tensor([1.5, -0.1])).tolist() == [THRESHOLD_ONE, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_pack_unpack_roundtrip(dtype):
+    values = torch.randn(37, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    mask = keep_mask(2, "pk", FACTOR_U, keep_threshold_from_prob(torch.tensor([1, 0.8, 0.5, 0.5, 0.1, 0])), 37)
+    packed = pack_columns(values, mask)
+    assert packed.dtype == dtype and packed.dim() == 1 and packed.numel() == int(mask.sum())
+    # Column by column: column 0's kept rows first, in row order.
+    assert torch.equal(packed[:37], values[:, 0])
+    expected = torch.cat([values[mask[:, k], k] for k in range(6)])
+    assert torch.equal(packed, expected)
+    unpacked = unpack_columns(packed, mask)
+    assert torch.equal(unpacked, torch.where(mask, values, torch.zeros((), dtype=dtype)))
+
+
+def test_unpack_rejects_wrong_count():
+    mask = keep_mask(2, "pk", FACTOR_U, keep_threshold_from_prob(torch.tensor([0.5, 0.5])), 50)
+    packed = torch.zeros(int(mask.sum()) + 1)
+    with pytest.raises(ValueError, match=r"packed factor holds \d+ values but the mask .* keeps \d+"):
+        unpack_columns(packed, mask)
+    with pytest.raises(ValueError, match="packed"):
+        unpack_columns(packed[:-2], mask)
+
+
+def test_masks_do_not_depend_on_the_stored_dtype():
+    delta = torch.randn(48, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = {
+        dtype: compress_delta(delta, 4.0, 0.5, 1.0, seed=5, name="w", svd_dtype=torch.float64, storage_dtype=dtype)
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    }
+    reference = results[torch.float64]
+    mask_u, mask_v = reference.masks()
+    for dtype, compressed in results.items():
+        assert torch.equal(compressed.keep_threshold, reference.keep_threshold)
+        got_u, got_v = compressed.masks()
+        assert torch.equal(got_u, mask_u) and torch.equal(got_v, mask_v)
+        assert compressed.u_values.dtype == dtype
+        assert torch.equal(compressed.u_values, reference.u_values.to(dtype))
+        assert torch.equal(compressed.v_values, reference.v_values.to(dtype))
+
+
+def test_threshold_rounding_error_is_below_one_part_in_two_to_the_32():
+    q = torch.rand(1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert (keep_prob_from_threshold(keep_threshold_from_prob(q)) - q).abs().max() <= 2.0**-33
