@@ -1,18 +1,37 @@
-"""impart-peft: ship a full fine-tune as a small PEFT adapter (ImPart, Yang et al. 2025)."""
+"""impart-peft: ship a full fine-tune as a small PEFT adapter (ImPart, Yang et al. 2025).
+
+Importing the package registers the ``IMPART`` adapter type with PEFT, so ``PeftModel.from_pretrained`` and
+transformers' ``model.load_adapter`` read ImPart adapters like any other.
+"""
 
 from .allocation import Allocation, allocate_keep_prob, target_keep_fraction
 from .baselines import dare_delta, lowrank_delta, magnitude_delta
+from .compressor import from_finetuned
+from .config import ImPartConfig
 from .delta import CompressedDelta, compress_delta
+from .layer import ImPartEmbedding, ImPartLayer, ImPartLinear, ImPartVector
+from .model import ImPartModel
+from .registration import IMPART_PEFT_TYPE, register
+
+register(ImPartConfig, ImPartModel)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMPART_PEFT_TYPE",
     "Allocation",
     "CompressedDelta",
+    "ImPartConfig",
+    "ImPartEmbedding",
+    "ImPartLayer",
+    "ImPartLinear",
+    "ImPartModel",
+    "ImPartVector",
     "__version__",
     "allocate_keep_prob",
     "compress_delta",
     "dare_delta",
+    "from_finetuned",
     "lowrank_delta",
     "magnitude_delta",
     "target_keep_fraction",

@@ -1,0 +1,286 @@
+"""Compression of a whole (base, fine-tune) pair into an ImPart adapter.
+
+``plan_modules`` decides, from the base model's structure alone, which modules an adapter covers and how
+(``kind``); ``compress_module`` turns one module's (base, fine-tune) parameters into the module's metadata and
+adapter tensors. Both are shared by :func:`from_finetuned` (models in memory) and the streaming checkpoint
+compressor, so the two write the same adapter for the same inputs and seed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import ImPartConfig
+from .delta import compress_delta
+from .fingerprint import weight_fingerprint
+
+__all__ = ["ModulePlan", "compress_module", "from_finetuned", "plan_modules", "vector_delta_dtype"]
+
+_MATRIX_KINDS = {nn.Linear: "linear", Conv1D: "conv1d", nn.Embedding: "embedding"}
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """How one module of the base model is covered: ``kind`` and, for a tied head, the embedding it shares."""
+
+    name: str
+    kind: str  # "linear" | "conv1d" | "embedding" | "tied" | "vector"
+    tied_to: str | None = None
+
+
+def _matches(name: str, patterns: list[str] | str | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def plan_modules(model: nn.Module, config: ImPartConfig) -> dict[str, ModulePlan]:
+    """Every module of ``model`` an adapter with ``config`` may cover, by name, in ``named_modules`` order.
+
+    Matrices (``nn.Linear``, ``Conv1D``, ``nn.Embedding``) are compressed; other modules with their own 1-D
+    parameters (norms) get dense deltas. An output head whose weight *is* an embedding's weight (tied) becomes
+    ``kind="tied"``. ``config.target_modules`` / ``exclude_modules`` / ``include_embeddings`` filter the list.
+    """
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_names_by_weight: dict[int, str] = {}
+    plans: dict[str, ModulePlan] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        kind = next((k for cls, k in _MATRIX_KINDS.items() if isinstance(module, cls)), None)
+        is_embedding = kind == "embedding" or module is output_embeddings
+        if is_embedding and not config.include_embeddings:
+            continue
+        if config.target_modules is not None and not _matches(name, config.target_modules):
+            continue
+        if _matches(name, config.exclude_modules):
+            continue
+        if kind is not None:
+            weight = module.weight
+            tied_to = embedding_names_by_weight.get(id(weight))
+            if kind == "embedding":
+                embedding_names_by_weight[id(weight)] = name
+            elif tied_to is not None:
+                plans[name] = ModulePlan(name, "tied", tied_to)
+                continue
+            plans[name] = ModulePlan(name, kind)
+        elif any(p.dim() == 1 for p in module.parameters(recurse=False)):
+            plans[name] = ModulePlan(name, "vector")
+    return plans
+
+
+def vector_delta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A dtype in which ``ft - base`` of two ``dtype`` tensors is exact, so ``base + delta`` gives ``ft`` back."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def compress_module(
+    plan: ModulePlan,
+    base_params: Mapping[str, torch.Tensor],
+    finetuned_params: Mapping[str, torch.Tensor],
+    config: ImPartConfig,
+    device: torch.device | str | None = None,
+) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor], list[float] | None]:
+    """Compress one module.
+
+    Args:
+        plan: the module's :class:`ModulePlan`.
+        base_params / finetuned_params: the module's own parameters by short name (``"weight"``, ``"bias"``).
+        device: where to run the SVD (default: where the weight is).
+
+    Returns:
+        ``(meta, tensors, fingerprint)``: the module's ``module_meta`` entry (``None`` when nothing changed), its
+        adapter tensors by parameter name (``"impart_u_values"``, ..., ``"impart_delta_bias"``) on the CPU, and the
+        base fingerprint of its weight (matrices only).
+    """
+    if plan.kind == "tied":
+        base_weight = base_params["weight"]
+        meta = {"kind": "tied", "tied_to": plan.tied_to, "shape": list(base_weight.shape)}
+        return meta, {}, None
+    names = sorted(set(base_params) | set(finetuned_params))
+    for param_name in names:
+        if param_name not in base_params or param_name not in finetuned_params:
+            raise ValueError(f"{plan.name}.{param_name} exists in only one of the base and the fine-tune")
+        b, f = base_params[param_name], finetuned_params[param_name]
+        if b.shape != f.shape:
+            raise ValueError(
+                f"{plan.name}.{param_name} has shape {tuple(b.shape)} in the base but {tuple(f.shape)} in the "
+                "fine-tune: they are not the same architecture (a fine-tune that added tokens must be compressed "
+                "against a base with the same resized embeddings)"
+            )
+        if not torch.isfinite(f).all():
+            raise ValueError(f"{plan.name}.{param_name} of the fine-tune contains NaN or inf")
+        if not torch.isfinite(b).all():
+            raise ValueError(f"{plan.name}.{param_name} of the base contains NaN or inf")
+
+    meta: dict[str, Any] = {"kind": plan.kind}
+    tensors: dict[str, torch.Tensor] = {}
+    fingerprint = None
+    matrix_param = "weight" if plan.kind != "vector" else None
+    if matrix_param is not None:
+        base_weight = base_params[matrix_param]
+        ft_weight = finetuned_params[matrix_param]
+        fingerprint = weight_fingerprint(base_weight)
+        work_device = torch.device(device) if device is not None else base_weight.device
+        delta = ft_weight.to(work_device, torch.float32) - base_weight.to(work_device, torch.float32)
+        meta["shape"] = list(delta.shape)
+        meta["dtype"] = str(ft_weight.dtype).removeprefix("torch.")
+        if bool(delta.any()):
+            compressed = compress_delta(
+                delta,
+                compression_ratio=config.compression_ratio,
+                pre_prune_ratio=config.pre_prune_ratio,
+                importance_exponent=config.importance_exponent,
+                seed=config.seed,
+                name=plan.name,
+                svd_dtype=getattr(torch, config.svd_dtype),
+                storage_dtype=ft_weight.dtype,
+            )
+            meta["rank"] = compressed.rank
+            meta["u_count"] = int(compressed.u_values.numel())
+            meta["v_count"] = int(compressed.v_values.numel())
+            for key, tensor in compressed.state_dict().items():
+                tensors[f"impart_{key}"] = tensor.cpu()
+        else:
+            meta["rank"] = 0
+    vectors = {}
+    for param_name in names:
+        if param_name == matrix_param:
+            continue
+        b, f = base_params[param_name], finetuned_params[param_name]
+        if b.dim() != 1:
+            raise ValueError(
+                f"{plan.name}.{param_name} is a {b.dim()}-D parameter of a {plan.kind} module: ImPart compresses "
+                "matrices of Linear, Conv1D and Embedding layers and stores 1-D parameters densely"
+            )
+        if param_name not in ("weight", "bias"):
+            raise ValueError(f"{plan.name}.{param_name}: only 'weight' and 'bias' vectors are supported")
+        work = vector_delta_dtype(f.dtype)
+        delta = f.detach().to("cpu", work) - b.detach().to("cpu", work)
+        if bool(delta.any()):
+            vectors[param_name] = int(delta.numel())
+            tensors[f"impart_delta_{param_name}"] = delta
+            meta["vector_dtype"] = str(work).removeprefix("torch.")
+    if vectors:
+        meta["vectors"] = vectors
+    if not tensors:
+        return None, {}, fingerprint
+    return meta, tensors, fingerprint
+
+
+def _check_same_architecture(base_model: nn.Module, finetuned_model: nn.Module) -> None:
+    base_shapes = {k: tuple(v.shape) for k, v in base_model.state_dict().items()}
+    ft_shapes = {k: tuple(v.shape) for k, v in finetuned_model.state_dict().items()}
+    only_base = sorted(set(base_shapes) - set(ft_shapes))
+    only_ft = sorted(set(ft_shapes) - set(base_shapes))
+    differ = sorted(k for k in set(base_shapes) & set(ft_shapes) if base_shapes[k] != ft_shapes[k])
+    if only_base or only_ft or differ:
+        details = []
+        if only_base:
+            details.append(f"only in the base: {only_base[:3]}")
+        if only_ft:
+            details.append(f"only in the fine-tune: {only_ft[:3]}")
+        if differ:
+            k = differ[0]
+            details.append(f"{len(differ)} shape(s) differ, e.g. {k}: {base_shapes[k]} vs {ft_shapes[k]}")
+        raise ValueError(
+            "The base and the fine-tune are not the same architecture ("
+            + "; ".join(details)
+            + "). Pass the base model the fine-tune was trained from."
+        )
+
+
+def from_finetuned(
+    base_model: nn.Module,
+    finetuned_model: nn.Module,
+    config: ImPartConfig | None = None,
+    adapter_name: str = "default",
+):
+    """Compress ``finetuned_model - base_model`` into an ImPart adapter on ``base_model``.
+
+    Args:
+        base_model: the model the fine-tune started from (it becomes the PeftModel's base; it is not modified
+            beyond wrapping its layers, as with any PEFT adapter).
+        finetuned_model: the fully fine-tuned model, same architecture.
+        config: an :class:`ImPartConfig` (default: ``ImPartConfig()``); a copy is filled in and attached.
+        adapter_name: name of the adapter.
+
+    Returns:
+        A ``peft.PeftModel`` in eval mode whose adapter reproduces the fine-tune approximately at the asked
+        compression ratio (exactly, to float error, with ``compression_ratio=None``).
+    """
+    from peft import PeftModel
+
+    config = ImPartConfig(
+        **{**(config or ImPartConfig()).to_dict(), "module_meta": {}, "base_fingerprint": {}}
+    )
+    _check_same_architecture(base_model, finetuned_model)
+    ft_tied = {
+        name: plan
+        for name, plan in plan_modules(finetuned_model, config).items()
+        if plan.kind == "tied"  # the fine-tune must tie the same modules the base ties
+    }
+    plans = plan_modules(base_model, config)
+    base_tied = {name for name, plan in plans.items() if plan.kind == "tied"}
+    if base_tied != set(ft_tied):
+        raise ValueError(
+            f"The base ties {sorted(base_tied) or 'no'} output head(s) to the input embeddings but the fine-tune "
+            f"ties {sorted(ft_tied) or 'none'}: load both with the same tie_word_embeddings setting"
+        )
+    finetuned_modules = dict(finetuned_model.named_modules())
+    module_meta: dict[str, dict[str, Any]] = {}
+    fingerprints: dict[str, list[float]] = {}
+    tensors_by_module: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for name, plan in plans.items():
+            base_module = base_model.get_submodule(name)
+            base_params = dict(base_module.named_parameters(recurse=False))
+            ft_params = dict(finetuned_modules[name].named_parameters(recurse=False))
+            meta, tensors, fingerprint = compress_module(plan, base_params, ft_params, config)
+            if fingerprint is not None and plan.kind != "tied":
+                fingerprints[name] = fingerprint
+            if meta is not None:
+                module_meta[name] = meta
+                tensors_by_module[name] = tensors
+    # A tied head without its embedding's delta carries nothing.
+    module_meta = {n: m for n, m in module_meta.items() if m["kind"] != "tied" or m["tied_to"] in module_meta}
+    if not module_meta:
+        raise ValueError(
+            "The fine-tune is identical to the base in every targeted module: nothing to compress"
+        )
+    config.module_meta = module_meta
+    config.base_fingerprint = {n: fingerprints[n] for n in module_meta if n in fingerprints}
+    config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None
+    config.finetuned_model_name_or_path = getattr(finetuned_model, "name_or_path", None) or None
+    config.inference_mode = True
+    peft_model = PeftModel(base_model, config, adapter_name=adapter_name)
+    load_module_tensors(peft_model.base_model.model, tensors_by_module, adapter_name)
+    peft_model.eval()
+    return peft_model
+
+
+def load_module_tensors(
+    model: nn.Module, tensors_by_module: Mapping[str, Mapping[str, torch.Tensor]], adapter_name: str
+) -> None:
+    """Copy adapter tensors (by module name, then ``impart_*`` parameter name) into the injected layers."""
+    for name, tensors in tensors_by_module.items():
+        layer = model.get_submodule(name)
+        for param_name, tensor in tensors.items():
+            store = getattr(layer, param_name)
+            target = store[adapter_name]
+            if target.shape != tensor.shape or target.dtype != tensor.dtype:
+                raise ValueError(
+                    f"{name}.{param_name}: adapter tensor {tuple(tensor.shape)} {tensor.dtype} does not fit the "
+                    f"layer's {tuple(target.shape)} {target.dtype}"
+                )
+            with torch.no_grad():
+                target.copy_(tensor)

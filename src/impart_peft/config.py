@@ -1,0 +1,84 @@
+"""``ImPartConfig``: the PEFT config of an ImPart-compressed fine-tune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from peft.config import PeftConfig
+
+from .allocation import check_compression_ratio, check_importance_exponent, check_pre_prune_ratio
+from .registration import IMPART_PEFT_TYPE
+
+__all__ = ["ImPartConfig"]
+
+
+@dataclass
+class ImPartConfig(PeftConfig):
+    """Configuration of an ImPart adapter: a full fine-tune stored as sparse SVD factors of its deltas.
+
+    The compression knobs (read by :func:`impart_peft.from_finetuned` and ``impart compress``):
+
+    Args:
+        compression_ratio: dense delta values / stored factor values, ``> 1`` (the paper's CR; 16 keeps ~96% of a
+            7B fine-tune's quality in the paper). ``None`` keeps every element of every non-zero singular pair:
+            the merged model is the fine-tune to float error (for checks, not for shipping).
+        pre_prune_ratio: beta in ``[0, 1)``: the fraction of the smallest singular pairs dropped whole.
+        importance_exponent: C ``> 0`` in ``p_k = gamma * (1 - (sigma_k / sigma_1) ** C)``.
+        seed: non-negative integer; the masks are a pure function of (seed, module name, factor, column, row).
+        target_modules: module names to compress, or ``None`` for every module a full fine-tune changes: each
+            ``nn.Linear`` / ``Conv1D``, the input embeddings and the output head, and the 1-D parameters of the
+            other modules (norms), which are stored densely. :func:`from_finetuned` replaces it with the exact list.
+        include_embeddings: ``False`` leaves the input embeddings and the output head out (they stay the base's).
+        svd_dtype: ``"float32"`` (default) or ``"float64"``: the precision of the SVD.
+        base_check: what to do when the base model does not match ``base_fingerprint`` at load time: ``"error"``
+            (default), ``"warn"`` or ``"ignore"``. The environment variable ``IMPART_BASE_CHECK`` overrides it.
+
+    Filled in by the compressor (not by hand):
+
+    Args:
+        module_meta: per module name, what lets every adapter parameter be created with its final shape at
+            injection time, before any weight is read (the role of LoRA's ``rank_pattern``)::
+
+                {"kind": "linear" | "conv1d" | "embedding" | "vector" | "tied",
+                 "shape": [m, n],        # shape of the compressed weight tensor
+                 "rank": r,              # stored singular pairs
+                 "u_count": int, "v_count": int,  # stored factor values
+                 "dtype": "bfloat16",    # dtype of the stored values (and of the fine-tune)
+                 "vectors": {"bias": n}, # 1-D parameters stored densely, with their length
+                 "tied_to": "model.embed_tokens"}  # "tied" only: the module whose delta this one shares
+        base_fingerprint: per module name, a few sampled base weights (the base check).
+        finetuned_model_name_or_path: where the fine-tune came from (for the model card).
+    """
+
+    compression_ratio: float | None = field(default=16.0, metadata={"help": "dense values / stored values"})
+    pre_prune_ratio: float = field(default=0.8, metadata={"help": "beta: fraction of pairs dropped whole"})
+    importance_exponent: float = field(default=1.0, metadata={"help": "C: exponent of sigma_k / sigma_1"})
+    seed: int = field(default=0, metadata={"help": "seed of the deterministic masks"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to compress"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to leave out"})
+    include_embeddings: bool = field(default=True, metadata={"help": "compress embeddings and output head"})
+    svd_dtype: Literal["float32", "float64"] = field(default="float32", metadata={"help": "SVD precision"})
+    base_check: Literal["error", "warn", "ignore"] = field(
+        default="error", metadata={"help": "base mismatch"}
+    )
+    module_meta: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"help": "per-module shapes"}
+    )
+    base_fingerprint: dict[str, list[float]] = field(default_factory=dict, metadata={"help": "base samples"})
+    finetuned_model_name_or_path: str | None = field(default=None, metadata={"help": "source fine-tune"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = IMPART_PEFT_TYPE
+        check_compression_ratio(self.compression_ratio)
+        check_pre_prune_ratio(self.pre_prune_ratio)
+        check_importance_exponent(self.importance_exponent)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.svd_dtype not in ("float32", "float64"):
+            raise ValueError(f"svd_dtype must be 'float32' or 'float64', got {self.svd_dtype!r}")
+        if self.base_check not in ("error", "warn", "ignore"):
+            raise ValueError(f"base_check must be 'error', 'warn' or 'ignore', got {self.base_check!r}")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(self.target_modules)

@@ -1,0 +1,162 @@
+"""``ImPartModel``: the PEFT tuner that injects ImPart layers (modelled on ``peft/tuners/lora/model.py``)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import ImPartConfig
+from .fingerprint import check_fingerprint
+from .layer import ImPartLayer, layer_class_for
+
+__all__ = ["ImPartModel"]
+
+
+class ImPartModel(BaseTuner):
+    """Injects ImPart layers into a base model, one per module listed in ``config.module_meta``.
+
+    Normally created by PEFT (``PeftModel.from_pretrained``, ``get_peft_model``) or transformers
+    (``model.load_adapter``); :func:`impart_peft.from_finetuned` builds the config.
+    """
+
+    prefix: str = "impart_"
+    tuner_layer_cls = ImPartLayer
+    target_module_mapping: dict = {}
+
+    # ------------------------------------------------------------------ checks before anything is injected
+    def _prepare_adapter_config(self, peft_config: ImPartConfig, model_config: dict) -> ImPartConfig:
+        if not isinstance(peft_config, ImPartConfig):
+            raise TypeError(
+                f"ImPartModel needs an ImPartConfig, got {type(peft_config).__name__}: load that adapter with its "
+                "own PEFT method"
+            )
+        if not peft_config.module_meta:
+            raise ValueError(
+                "This ImPartConfig has no module_meta: an ImPart adapter is made from a fine-tune, with "
+                "impart_peft.from_finetuned(base, finetuned, config) or `impart compress`, not trained from scratch"
+            )
+        self._check_base(peft_config)
+        peft_config.target_modules = sorted(peft_config.module_meta)
+        return peft_config
+
+    def _check_base(self, config: ImPartConfig) -> None:
+        """Every module of the adapter exists with the right type and shape, and the base fingerprint matches."""
+        modules = dict(self.model.named_modules())
+        problems = []
+        for name, meta in config.module_meta.items():
+            module = modules.get(name)
+            if module is None:
+                problems.append(f"module {name!r} does not exist")
+                continue
+            base = module.get_base_layer() if isinstance(module, ImPartLayer) else module
+            if meta.get("kind") in ("linear", "conv1d", "embedding", "tied"):
+                weight = getattr(base, "weight", None)
+                if weight is None or tuple(weight.shape) != tuple(meta["shape"]):
+                    got = None if weight is None else tuple(weight.shape)
+                    problems.append(
+                        f"{name!r} has weight shape {got}, the adapter expects {tuple(meta['shape'])}"
+                    )
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(
+                f"This ImPart adapter does not fit this model ({shown}). Load it on the base model it was "
+                f"compressed from ({config.base_model_name_or_path or 'see adapter_config.json'})."
+            )
+        mode = os.environ.get("IMPART_BASE_CHECK", config.base_check)
+        if mode != "ignore":
+            mismatched = check_fingerprint(self.model, config.base_fingerprint)
+            if mismatched:
+                message = (
+                    f"The base model's weights differ from those the ImPart adapter was compressed against "
+                    f"(first mismatches: {', '.join(mismatched[:3])}). Adding the delta to another base does not give "
+                    f"the fine-tune. Load it on {config.base_model_name_or_path or 'its own base model'}, or pass "
+                    "base_check='warn' / set IMPART_BASE_CHECK=warn to proceed anyway."
+                )
+                if mode == "error":
+                    raise ValueError(message)
+                warnings.warn(message, stacklevel=2)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: ImPartConfig, key: str) -> bool:
+        return key in peft_config.module_meta
+
+    # ------------------------------------------------------------------ injection
+    def _create_and_replace(
+        self,
+        peft_config: ImPartConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        meta = peft_config.module_meta[current_key]
+        if isinstance(target, ImPartLayer):
+            target.update_layer(adapter_name, current_key, meta, peft_config.seed)
+            new_module = target
+        else:
+            layer_cls = layer_class_for(target, meta["kind"])
+            new_module = layer_cls(target, adapter_name, current_key, meta, peft_config.seed)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            setattr(parent, target_name, new_module)
+        if meta["kind"] == "tied":
+            new_module.set_tied_source(adapter_name, _TiedSource(self.model, meta["tied_to"]))
+        new_module._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # A compressed fine-tune is for inference: nothing is trainable (the base stays frozen too).
+        for param in model.parameters():
+            param.requires_grad = False
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Keep the stored dtypes: the factors are rebuilt in float32 whatever they are stored in.
+        return
+
+    def _check_merge_allowed(self) -> None:
+        # Tied embeddings are handled: the head borrows the embedding's delta and the shared weight is merged once.
+        return
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapter_layers(enabled=False)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(enabled=True)
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, ImPartLayer):
+                module.enable_adapters(enabled)
+
+    def clear_cache(self) -> None:
+        """Drop every rebuilt factor cache (they are rebuilt on the next forward)."""
+        for module in self.model.modules():
+            if isinstance(module, ImPartLayer):
+                module.clear_cache()
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self.clear_cache()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+class _TiedSource:
+    """Finds, when needed, the ImPart layer of the embedding a tied output head shares its delta with."""
+
+    def __init__(self, root: nn.Module, name: str) -> None:
+        self._root = weakref.ref(root)
+        self.name = name
+
+    def __call__(self) -> ImPartLayer | None:
+        root = self._root()
+        if root is None:
+            return None
+        try:
+            module = root.get_submodule(self.name)
+        except AttributeError:
+            return None
+        return module if isinstance(module, ImPartLayer) else None
