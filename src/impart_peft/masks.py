@@ -14,6 +14,12 @@ CUDA, on every torch version, in any order of evaluation. ``keep_threshold[k]`` 
 ``[0, 2**32]`` stored on disk, so loading never recomputes the allocation in floating point; the keep
 probability the estimator rescales by is exactly ``keep_threshold[k] / 2**32``.
 
+Speed (the definition above is fixed; only its evaluation is tuned): a multiply mod 2**32 is one int64
+multiply by the constant's signed representative in ``[-2**31, 2**31)`` and one ``and`` (the product stays
+inside int64); fmix32's first xor-shift is applied to the column and row keys, not to the grid; the grid is
+hashed in blocks of whole rows with in-place ops into two reused buffers, and compared with the thresholds
+straight into the bool mask. Both factors of a 4096 x 4096 matrix at q = 0.5 take about 0.1 s on two CPU cores.
+
 Pure torch: no PEFT, no model.
 """
 
@@ -45,8 +51,26 @@ _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: a Weyl-sequence step
 _MIX_1 = 0x85EBCA6B
 _MIX_2 = 0xC2B2AE35
-# Rows are hashed in chunks so the int64 temporaries stay in cache and memory stays small.
-_CHUNK_ELEMENTS = 1 << 20
+# The grid is hashed in blocks of whole rows of about this many elements: two int64 blocks (2 MiB each) stay
+# in cache, every op runs in place, and each block is still large enough for torch to split over threads.
+_CPU_BLOCK_ELEMENTS = 1 << 18
+_DEVICE_BLOCK_ELEMENTS = 1 << 22  # on an accelerator fewer, larger launches win
+
+
+def _signed32(constant: int) -> int:
+    """The representative of ``constant mod 2**32`` in ``[-2**31, 2**31)``.
+
+    For ``x`` in ``[0, 2**32)``, ``x * _signed32(c)`` lies strictly inside the int64 range and is congruent to
+    ``x * c`` modulo ``2**32``; masking it with ``0xFFFFFFFF`` (two's complement) gives ``(x * c) mod 2**32``
+    with one multiply and one ``and``, and no intermediate ever overflows.
+    """
+    constant &= _MASK32
+    return constant - (1 << 32) if constant >= 1 << 31 else constant
+
+
+_GOLDEN_S = _signed32(_GOLDEN)
+_MIX_1_S = _signed32(_MIX_1)
+_MIX_2_S = _signed32(_MIX_2)
 
 
 def keep_threshold_from_prob(keep_prob: torch.Tensor) -> torch.Tensor:
@@ -74,13 +98,12 @@ def stream_key(seed: int, module_name: str, factor: str) -> tuple[int, int]:
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``(x * constant) mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow (16-bit halves)."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+    """``(x * constant) mod 2**32`` for any int64 ``x``, without int64 overflow."""
+    return ((x & _MASK32) * _signed32(constant)) & _MASK32
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 ``x`` in ``[0, 2**32)`` (a new tensor)."""
     x = x ^ (x >> 16)
     x = _mul32(x, _MIX_1)
     x = x ^ (x >> 13)
@@ -104,6 +127,39 @@ def hash32_reference(seed: int, module_name: str, factor: str, column: int, row:
     return _fmix32_int(column_key ^ row_key)
 
 
+def _stream_keys(
+    seed: int, module_name: str, factor: str, columns: torch.Tensor, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column ``(1, K)`` and per-row ``(num_rows, 1)`` keys with the finaliser's first step applied.
+
+    ``fmix32`` starts with ``x ^= x >> 16``, and a logical shift distributes over xor, so for
+    ``x = column_key ^ row_key`` that step is ``pre(column_key) ^ pre(row_key)``: it is applied here, once per
+    column and once per row, instead of once per element of the grid.
+    """
+    key_column, key_row = stream_key(seed, module_name, factor)
+    column_key = _fmix32(_mul32(columns + 1, _GOLDEN) ^ key_column)
+    rows = torch.arange(1, num_rows + 1, dtype=torch.int64, device=columns.device)
+    row_key = _fmix32(_mul32(rows, _GOLDEN) ^ key_row)
+    column_key ^= column_key >> 16
+    row_key ^= row_key >> 16
+    return column_key.unsqueeze(0), row_key.unsqueeze(1)
+
+
+def _finish_hash_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """The rest of ``fmix32`` on ``x`` in place (after its first xor-shift); ``scratch`` has ``x``'s shape."""
+    x.mul_(_MIX_1_S).bitwise_and_(_MASK32)
+    torch.bitwise_right_shift(x, 13, out=scratch)
+    x.bitwise_xor_(scratch)
+    x.mul_(_MIX_2_S).bitwise_and_(_MASK32)
+    torch.bitwise_right_shift(x, 16, out=scratch)
+    return x.bitwise_xor_(scratch)
+
+
+def _rows_per_block(num_columns: int, device: torch.device) -> int:
+    elements = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    return max(1, elements // max(1, num_columns))
+
+
 def element_hash(
     seed: int,
     module_name: str,
@@ -119,17 +175,20 @@ def element_hash(
         num_rows: rows of the factor (``m`` for U, ``n`` for V).
 
     Returns:
-        int64 tensor ``(num_rows, K)`` with values in ``[0, 2**32)`` on ``device``.
+        int64 tensor ``(num_rows, K)`` with values in ``[0, 2**32)`` on ``device``; element ``[i, j]`` is
+        :func:`hash32_reference` ``(seed, module_name, factor, columns[j], i)``.
     """
-    key_column, key_row = stream_key(seed, module_name, factor)
-    columns = columns.to(device=device, dtype=torch.int64)
-    column_key = _fmix32(_mul32(columns + 1, _GOLDEN) ^ key_column)  # (K,)
-    rows = torch.arange(1, num_rows + 1, dtype=torch.int64, device=columns.device)
-    row_key = _fmix32(_mul32(rows, _GOLDEN) ^ key_row).unsqueeze(1)  # (num_rows, 1)
+    columns = columns.to(device=device, dtype=torch.int64).reshape(-1)
+    column_key, row_key = _stream_keys(seed, module_name, factor, columns, num_rows)
     out = torch.empty((num_rows, columns.numel()), dtype=torch.int64, device=columns.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, num_rows))
-    for start in range(0, columns.numel(), step):
-        out[:, start : start + step] = _fmix32(row_key ^ column_key[start : start + step].unsqueeze(0))
+    if out.numel() == 0:
+        return out
+    step = _rows_per_block(columns.numel(), columns.device)
+    scratch = torch.empty((min(step, num_rows), columns.numel()), dtype=torch.int64, device=columns.device)
+    for start in range(0, num_rows, step):
+        block = out[start : start + step]  # whole rows: contiguous
+        torch.bitwise_xor(row_key[start : start + step], column_key, out=block)
+        _finish_hash_(block, scratch[: block.shape[0]])
     return out
 
 
@@ -149,19 +208,40 @@ def keep_mask(
         num_rows: rows of the factor.
 
     Returns:
-        bool tensor ``(num_rows, r)`` on ``device``. Columns with threshold ``2**32`` are all True and are not
-        hashed; columns with threshold 0 are all False.
+        bool tensor ``(num_rows, r)`` on ``device``, contiguous. Columns with threshold ``2**32`` are all True
+        and are not hashed; columns with threshold 0 are all False. Equal to
+        ``element_hash(...) < keep_threshold`` bit for bit, computed block by block without the int64 grid.
     """
     if device is None:
         device = keep_threshold.device
-    keep_threshold = keep_threshold.to(device=device, dtype=torch.int64)
+    device = torch.device(device)
+    keep_threshold = keep_threshold.to(device=device, dtype=torch.int64).reshape(-1)
     num_columns = keep_threshold.numel()
     mask = torch.ones((num_rows, num_columns), dtype=torch.bool, device=device)
-    partial = ((keep_threshold < THRESHOLD_ONE) & (keep_threshold > 0)).nonzero().flatten()
     mask[:, keep_threshold <= 0] = False
-    if partial.numel():
-        hashes = element_hash(seed, module_name, factor, partial, num_rows, device=device)
-        mask[:, partial] = hashes < keep_threshold[partial].unsqueeze(0)
+    partial = ((keep_threshold < THRESHOLD_ONE) & (keep_threshold > 0)).nonzero().flatten()
+    num_partial = partial.numel()
+    if num_partial == 0 or num_rows == 0:
+        return mask
+    first = int(partial[0])
+    contiguous = int(partial[-1]) - first + 1 == num_partial  # the usual case: q_k < 1 for k >= 2
+    column_key, row_key = _stream_keys(seed, module_name, factor, partial, num_rows)
+    threshold = keep_threshold[partial].unsqueeze(0)
+    step = _rows_per_block(num_partial, device)
+    rows_in_block = min(step, num_rows)
+    work = torch.empty((rows_in_block, num_partial), dtype=torch.int64, device=device)
+    scratch = torch.empty_like(work)
+    keep = None if contiguous else torch.empty((rows_in_block, num_partial), dtype=torch.bool, device=device)
+    for start in range(0, num_rows, step):
+        rows = min(step, num_rows - start)
+        x = work[:rows]
+        torch.bitwise_xor(row_key[start : start + rows], column_key, out=x)
+        _finish_hash_(x, scratch[:rows])
+        if contiguous:
+            torch.lt(x, threshold, out=mask[start : start + rows, first : first + num_partial])
+        else:
+            torch.lt(x, threshold, out=keep[:rows])
+            mask[start : start + rows, partial] = keep[:rows]
     return mask
 
 
