@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -17,6 +18,7 @@ __all__ = [
     "check_compression_ratio",
     "check_importance_exponent",
     "check_pre_prune_ratio",
+    "pre_prune_boundary",
     "target_keep_fraction",
 ]
 
@@ -36,7 +38,11 @@ def check_compression_ratio(compression_ratio: float | None) -> None:
 
 def check_pre_prune_ratio(pre_prune_ratio: float) -> None:
     """Raise ``ValueError`` unless ``0 <= pre_prune_ratio < 1``."""
-    if not isinstance(pre_prune_ratio, (int, float)) or not (0.0 <= pre_prune_ratio < 1.0):
+    if (
+        isinstance(pre_prune_ratio, bool)
+        or not isinstance(pre_prune_ratio, (int, float))
+        or not (0.0 <= pre_prune_ratio < 1.0)
+    ):
         raise ValueError(
             f"pre_prune_ratio (beta) must be in [0, 1), got {pre_prune_ratio!r}: it is the fraction of the "
             "smallest singular pairs dropped whole (the paper uses 0.6 to 0.8)."
@@ -46,7 +52,8 @@ def check_pre_prune_ratio(pre_prune_ratio: float) -> None:
 def check_importance_exponent(importance_exponent: float) -> None:
     """Raise ``ValueError`` unless ``importance_exponent`` (C) is a finite number > 0."""
     if (
-        not isinstance(importance_exponent, (int, float))
+        isinstance(importance_exponent, bool)
+        or not isinstance(importance_exponent, (int, float))
         or not math.isfinite(importance_exponent)
         or importance_exponent <= 0
     ):
@@ -94,13 +101,29 @@ class Allocation:
     under_budget: bool
 
 
+def _noise_floor(shape: tuple[int, int]) -> float:
+    """Relative size of float32 SVD noise: ``max(m, n) * eps(float32)`` (LAPACK's rank tolerance)."""
+    return max(shape) * torch.finfo(torch.float32).eps
+
+
 def _numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
     """Pairs with sigma above the float32 noise floor; directions below it are not worth a stored value."""
     sigma_max = float(singular_values[0]) if singular_values.numel() else 0.0
     if sigma_max == 0.0:
         return 0
-    tolerance = sigma_max * max(shape) * torch.finfo(torch.float32).eps
+    tolerance = sigma_max * _noise_floor(shape)
     return int((singular_values > tolerance).sum())
+
+
+def pre_prune_boundary(rank: int, pre_prune_ratio: float) -> int:
+    """``floor(R * (1 - beta))`` with beta read as the decimal it is written as.
+
+    ``0.8`` is stored as ``0.8000000000000000444``, so in floating point ``5120 * (1 - 0.8)`` is
+    ``1023.9999999999998`` and a plain ``floor`` gives 1023, not the 1024 the user asked for. ``Fraction(repr)``
+    takes the shortest decimal that round-trips (``4/5``), so the floor is exact.
+    """
+    check_pre_prune_ratio(pre_prune_ratio)
+    return math.floor(rank * (1 - Fraction(repr(float(pre_prune_ratio)))))
 
 
 def allocate_keep_prob(
@@ -127,7 +150,11 @@ def allocate_keep_prob(
         * pre-pruning alone drops more than the budget (low ratio, high beta): the boundary is moved right
           to ``ceil(q̄ * R)`` so the asked ratio is still met (``pre_prune_lowered``).
         * all kept sigma equal (or one pair kept): the importance weights ``1 - (sigma_k/sigma_1)**C`` are all
-          zero, so the remaining drop is spread uniformly over the kept pairs.
+          zero, so the remaining drop is spread uniformly over the kept pairs. "Equal" is up to float32 SVD
+          noise: a sigma_k within ``max(m, n) * eps(float32)`` (relative) of sigma_1 gets importance 0, so an
+          SVD's rounding of a flat spectrum cannot decide which pairs are dropped.
+        * ``floor(R * (1 - beta)) == 0`` (tiny R, large beta): the boundary is raised to the budget as above.
+        * ``R == 1``: the single pair is kept with ``q_1 = q̄`` (the uniform rule with one pair).
         * exactly-zero directions (rank-deficient delta) are never stored; if they are too few to spend the
           budget on, every non-zero pair is kept whole (``under_budget``).
     """
@@ -144,6 +171,8 @@ def allocate_keep_prob(
         raise ValueError("singular_values contain NaN or inf")
     if rank > 1 and (sigma[1:] > sigma[:-1]).any():
         raise ValueError("singular_values must be sorted in descending order")
+    if rank and float(sigma[-1]) < 0:
+        raise ValueError("singular_values must be non-negative")
 
     nonzero = _numerical_rank(sigma, shape)
     if compression_ratio is None:
@@ -159,14 +188,16 @@ def allocate_keep_prob(
 
     # Budget in units of "whole pairs": sum_k q_k must equal mean_keep * R.
     keep_budget = mean_keep * rank
-    boundary = math.floor(rank * (1.0 - pre_prune_ratio))
+    boundary = pre_prune_boundary(rank, pre_prune_ratio)
     min_boundary = math.ceil(keep_budget - 1e-9)
     pre_prune_lowered = boundary < min_boundary
     boundary = max(boundary, min_boundary)
     under_budget = nonzero < min_boundary
     boundary = min(boundary, nonzero)
 
-    importance = 1.0 - (sigma / sigma[0]) ** importance_exponent  # 0 for k = 1, grows as sigma shrinks
+    ratio = sigma / sigma[0]
+    importance = 1.0 - ratio**importance_exponent  # 0 for k = 1, grows as sigma shrinks
+    importance[ratio >= 1.0 - _noise_floor(shape)] = 0.0  # equal to sigma_1 up to SVD rounding
     gamma = 0.0
     while boundary > 0:
         drop_inside = boundary - keep_budget  # total drop probability to spread over the top `boundary` pairs
