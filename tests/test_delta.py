@@ -1,0 +1,499 @@
+"""The estimator for one matrix (ALGORITHM.md sections 2, 3 and 5): unbiasedness, the closed-form error,
+the budget, the SVD routes, edge cases, the on-disk tensors and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from impart_peft import CompressedDelta, compress_delta
+from impart_peft.allocation import allocate_keep_prob, target_keep_fraction
+from impart_peft.delta import check_delta, pairs_needed, svd_top
+from impart_peft.masks import (
+    FACTOR_U,
+    FACTOR_V,
+    THRESHOLD_ONE,
+    keep_mask,
+    keep_prob_from_threshold,
+    pack_columns,
+    unpack_columns,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These matrices are tiny: one thread is faster, and it keeps the timings sane on a machine where other
+    # jobs compete for the cores (OpenMP barriers under oversubscription cost more than the work).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def matrix_with_spectrum(m: int, n: int, sigma, seed: int = 0, dtype=F64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    sigma = torch.as_tensor(sigma, dtype=F64)
+    k = sigma.numel()
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=F64))
+    return ((u * sigma) @ v.t()).to(dtype)
+
+
+def random_delta(m: int, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ unbiasedness (section 2)
+
+
+class Sampler:
+    """Reconstructions of one delta under many seeds: the SVD once, then compress_delta's own steps per seed.
+
+    ``test_sampler_matches_compress_delta`` pins that this is exactly what compress_delta stores.
+    """
+
+    def __init__(self, delta, ratio, beta, exponent=1.0, name="w"):
+        self.delta, self.ratio, self.beta, self.exponent, self.name = delta, ratio, beta, exponent, name
+        m, n = delta.shape
+        needed = pairs_needed((m, n), ratio, beta)
+        self.u, self.sigma, self.v = svd_top(delta, needed, F64, "auto")
+        self.first = compress_delta(delta, ratio, beta, exponent, seed=0, name=name, svd_dtype=F64)
+        self.rank = self.first.rank
+        self.threshold = self.first.keep_threshold
+        self.q = keep_prob_from_threshold(self.threshold)
+
+    def compressed(self, seed: int) -> CompressedDelta:
+        m, n = self.delta.shape
+        mask_u = keep_mask(seed, self.name, FACTOR_U, self.threshold, m)
+        mask_v = keep_mask(seed, self.name, FACTOR_V, self.threshold, n)
+        return CompressedDelta(
+            shape=(m, n),
+            singular_values=self.sigma[: self.rank].float(),
+            keep_threshold=self.threshold,
+            u_values=pack_columns(self.u[:, : self.rank], mask_u),
+            v_values=pack_columns(self.v[:, : self.rank], mask_v),
+            seed=seed,
+            name=self.name,
+            compression_ratio=self.ratio,
+        )
+
+    def kept_part(self) -> torch.Tensor:
+        r = self.rank
+        return (self.u[:, :r] * self.sigma[:r]) @ self.v[:, :r].t()
+
+    def closed_form_mse(self) -> float:
+        """ALGORITHM.md section 2: sum over kept pairs of s^2 (1/q^2 - 1), plus s^2 of every dropped pair."""
+        sigma = self.sigma.to(F64)
+        kept = sigma[: self.rank] ** 2 * (1 / self.q**2 - 1)
+        return float(kept.sum() + (sigma[self.rank :] ** 2).sum())
+
+    def elementwise_variance(self) -> torch.Tensor:
+        """Var[(ΔW_c)_ij] = sum_k s_k^2 u_ik^2 v_jk^2 (1/q_k^2 - 1) (independent masks, zero-mean errors)."""
+        r = self.rank
+        weight = self.sigma[:r].to(F64) ** 2 * (1 / self.q**2 - 1)
+        return (self.u[:, :r] ** 2 * weight) @ (self.v[:, :r] ** 2).t()
+
+    def unrescaled(self, compressed: CompressedDelta) -> torch.Tensor:
+        """The ablation the paper warns about: the same masks and kept values, without the 1/q_k."""
+        mask_u, mask_v = compressed.masks()
+        u = unpack_columns(compressed.u_values.to(F64), mask_u)
+        v = unpack_columns(compressed.v_values.to(F64), mask_v)
+        return (u * compressed.singular_values.to(F64)) @ v.t()
+
+
+def unbiasedness_check(samples: torch.Tensor, sampler: Sampler) -> dict[str, bool]:
+    """Statistical checks of section 2 on ``samples`` (N, m, n): each is True when the estimator passes it."""
+    num = samples.shape[0]
+    target = sampler.kept_part()  # = ΔW when nothing is dropped
+    full = sampler.delta.to(F64)
+    mean = samples.mean(0)
+    closed = sampler.closed_form_mse()
+    dropped = float((sampler.sigma[sampler.rank :].to(F64) ** 2).sum())
+    # 1. The mean converges to the kept part: ||mean - target||^2 has expectation (closed - dropped) / N.
+    expected_mean_error = (closed - dropped) / num
+    mean_error = float(((mean - target) ** 2).sum())
+    # 2. No element is off by more than 5 standard errors (its variance is known in closed form).
+    z = (mean - target) / (sampler.elementwise_variance() / num).sqrt().clamp_min(1e-12)
+    # 3. The empirical mean squared error against ΔW matches the closed form within 4 standard errors.
+    errors = ((samples - full) ** 2).sum(dim=(1, 2))
+    standard_error = float(errors.std()) / math.sqrt(num)
+    return {
+        "mean": mean_error < 3.0 * expected_mean_error,
+        "elements": float(z.abs().max()) < 5.0,
+        "mse": abs(float(errors.mean()) - closed) < 4.0 * standard_error,
+    }
+
+
+def passes(result: dict[str, bool]) -> bool:
+    return all(result.values())
+
+
+def draw(sampler: Sampler, num: int, rescaled: bool = True) -> torch.Tensor:
+    out = []
+    for seed in range(num):
+        compressed = sampler.compressed(seed)
+        out.append(compressed.reconstruct(F64) if rescaled else sampler.unrescaled(compressed))
+    return torch.stack(out)
+
+
+def test_sampler_matches_compress_delta():
+    sampler = Sampler(matrix_with_spectrum(40, 30, [6.0, 5.0, 4.0, 3.0, 2.5, 2.0]), 4.0, 0.0)
+    for seed in (0, 1, 17):
+        ours = sampler.compressed(seed)
+        real = compress_delta(sampler.delta, 4.0, 0.0, 1.0, seed=seed, name="w", svd_dtype=F64)
+        for key, tensor in real.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], tensor), key
+        assert torch.equal(ours.reconstruct(F64), real.reconstruct(F64))
+
+
+def test_unbiased_when_every_pair_is_kept_and_unrescaled_variant_fails():
+    # Rank 6, budget 4.3 pairs, no pre-pruning: every pair has 0 < q_k <= 1, so E[ΔW_c] = ΔW exactly.
+    sampler = Sampler(matrix_with_spectrum(40, 30, [6.0, 5.0, 4.0, 3.0, 2.5, 2.0]), 4.0, 0.0)
+    assert sampler.rank == 6 and (sampler.q > 0).all() and (sampler.q < 1).sum() >= 4
+    assert torch.allclose(sampler.kept_part(), sampler.delta, atol=1e-12)
+    samples = draw(sampler, 400)
+    assert unbiasedness_check(samples, sampler) == {"mean": True, "elements": True, "mse": True}
+    # Same masks, same kept values, no 1/q_k: every check rejects it.
+    assert unbiasedness_check(draw(sampler, 400, rescaled=False), sampler) == {
+        "mean": False,
+        "elements": False,
+        "mse": False,
+    }
+
+
+def test_closed_form_error_counts_the_dropped_pairs():
+    # A full-rank delta with pre-pruning: pairs past the boundary are dropped whole and add sigma_k^2.
+    delta = matrix_with_spectrum(36, 28, torch.linspace(3.0, 0.5, 28))
+    sampler = Sampler(delta, 2.0, 0.6, exponent=0.5)
+    assert sampler.rank == 11 and float(sampler.q.min()) > 0.4  # (a tiny q_k makes the error heavy-tailed)
+    assert sampler.closed_form_mse() > 1.5 * float((sampler.sigma[11:] ** 2).sum())
+    samples = draw(sampler, 400)
+    assert unbiasedness_check(samples, sampler) == {"mean": True, "elements": True, "mse": True}
+    unrescaled = unbiasedness_check(draw(sampler, 400, rescaled=False), sampler)
+    assert not passes(unrescaled) and not unrescaled["mse"], unrescaled
+
+
+def test_rescale_uses_the_stored_keep_probability():
+    compressed = compress_delta(random_delta(30, 20, dtype=F64), 4.0, 0.5, 1.0, seed=3, svd_dtype=F64)
+    u_tilde, sigma, v_tilde = compressed.factors(F64)
+    mask_u, mask_v = compressed.masks()
+    q = compressed.keep_prob
+    assert torch.equal(u_tilde, unpack_columns(compressed.u_values.to(F64), mask_u) * (1 / q))
+    assert torch.equal(v_tilde, unpack_columns(compressed.v_values.to(F64), mask_v) * (1 / q))
+    assert torch.equal(sigma, compressed.singular_values.to(F64))
+    expected = (u_tilde.float() * compressed.singular_values) @ v_tilde.float().t()
+    assert torch.allclose(compressed.reconstruct(), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ budget (section 3)
+
+SHAPES = {"square": (96, 96), "wide": (48, 160), "tall": (160, 48)}
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("ratio", [2, 3, 4, 8, 16, 32, 64, 128])
+def test_budget_stored_values(kind, ratio):
+    m, n = SHAPES[kind]
+    compressed = compress_delta(random_delta(m, n, seed=ratio), ratio, 0.8, 1.0, seed=ratio, name=kind)
+    q = compressed.keep_prob
+    expected = float(q.sum()) * (m + n)
+    # Expected factor values meet (1 - alpha) * m * n = m * n / CR to within one element ...
+    assert abs(expected - m * n / ratio) <= 1.0
+    # ... and the realised count of the seeded masks is within a few binomial standard deviations of it.
+    stored = compressed.num_factor_values
+    sd = math.sqrt(float((q * (1 - q)).sum()) * (m + n))
+    assert abs(stored - expected) <= 5 * sd + 1, (stored, expected, sd)
+    assert stored == int(compressed.masks()[0].sum() + compressed.masks()[1].sum())
+    assert compressed.num_stored_values == stored + compressed.rank
+    assert compressed.value_compression_ratio == pytest.approx(m * n / compressed.num_stored_values)
+
+
+def test_realised_count_over_many_seeds_is_binomial():
+    m, n, ratio = 64, 80, 16.0
+    delta = random_delta(m, n, seed=5)
+    counts = torch.tensor(
+        [compress_delta(delta, ratio, 0.8, 1.0, seed=s).num_factor_values for s in range(60)], dtype=F64
+    )
+    q = compress_delta(delta, ratio, 0.8, 1.0, seed=0).keep_prob
+    mean, var = float(q.sum()) * (m + n), float((q * (1 - q)).sum()) * (m + n)
+    assert abs(float(counts.mean()) - mean) < 4 * math.sqrt(var / 60)
+    assert 0.4 * var < float(counts.var()) < 2.0 * var
+
+
+def test_bytes_on_disk():
+    delta = random_delta(64, 48, dtype=torch.bfloat16)
+    compressed = compress_delta(delta, 8.0, 0.8, 1.0)
+    assert set(compressed.state_dict()) == {"singular_values", "keep_threshold", "u_values", "v_values"}
+    assert compressed.u_values.dtype == torch.bfloat16 and compressed.v_values.dtype == torch.bfloat16
+    assert (
+        compressed.singular_values.dtype == torch.float32 and compressed.keep_threshold.dtype == torch.int64
+    )
+    r = compressed.rank
+    assert compressed.nbytes == 2 * compressed.num_factor_values + 4 * r + 8 * r
+    assert compressed.dense_nbytes == 64 * 48 * 2
+    assert compressed.disk_compression_ratio == pytest.approx(compressed.dense_nbytes / compressed.nbytes)
+    assert compressed.compression_ratio == 8.0
+    # The factors meet the nominal ratio; sigma and the thresholds (12 bytes a pair) are the overhead.
+    assert compressed.disk_compression_ratio < 8.0
+
+
+# ------------------------------------------------------------------------------------------ SVD routes
+
+
+@pytest.mark.parametrize("shape", [(120, 80), (80, 120)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_route_matches_the_exact_svd_on_the_kept_subspace(shape, dtype):
+    m, n = shape
+    sigma = torch.logspace(0, -3, min(shape), dtype=F64)  # sigma_k / sigma_1 down to 1e-3
+    delta = matrix_with_spectrum(m, n, sigma, seed=1, dtype=dtype)
+    k = 40  # sigma_40 / sigma_1 = 0.03
+    exact_u, exact_s, exact_v = svd_top(delta.to(F64), k, F64, "svd")
+    u, s, v = svd_top(delta, k, dtype, "gram")
+    assert u.shape == (m, k) and v.shape == (n, k) and s.shape == (min(shape),)
+    assert u.dtype == dtype and s.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    exact = (exact_u * exact_s[:k]) @ exact_v.t()
+    ours = (u.to(F64) * s[:k].to(F64)) @ v.to(F64).t()
+    assert float((ours - exact).norm() / exact.norm()) < tol
+    assert float(((s[:k].to(F64) - exact_s[:k]) / exact_s[:k]).abs().max()) < tol
+    eye = torch.eye(k, dtype=F64)
+    assert float((u.to(F64).t() @ u.to(F64) - eye).abs().max()) < 10 * tol
+    assert float((v.to(F64).t() @ v.to(F64) - eye).abs().max()) < 10 * tol
+    # Same pairs, same signs as the exact SVD (well-separated spectrum, canonical signs).
+    assert float((u.to(F64) - exact_u).abs().max()) < 1e3 * tol
+    assert (s[1:] <= s[:-1]).all()
+
+
+def test_gram_route_handles_rank_deficiency():
+    delta = matrix_with_spectrum(50, 70, [4.0, 2.0, 1.0], dtype=torch.float32)
+    u, s, v = svd_top(delta, 20, torch.float32, "gram")
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    assert float(s[3]) < 1e-5 * float(s[0])  # the null directions are counted as zero
+    compressed = compress_delta(delta, 2.0, 0.5, 1.0, svd_method="gram")
+    assert compressed.rank == 3 and (compressed.keep_threshold == THRESHOLD_ONE).all()
+    assert torch.allclose(compressed.reconstruct(), delta, atol=1e-5)
+
+
+def test_methods_agree_and_auto_picks_the_right_one():
+    delta = matrix_with_spectrum(90, 60, torch.logspace(0, -1, 60), seed=2, dtype=torch.float32)
+    gram = compress_delta(delta, 8.0, 0.8, 1.0, seed=4, svd_method="gram")
+    exact = compress_delta(delta, 8.0, 0.8, 1.0, seed=4, svd_method="svd")
+    auto = compress_delta(delta, 8.0, 0.8, 1.0, seed=4)
+    assert pairs_needed((90, 60), 8.0, 0.8) < 60
+    for key, tensor in gram.state_dict().items():
+        assert torch.equal(auto.state_dict()[key], tensor), key  # auto = gram when only the top pairs count
+    assert gram.rank == exact.rank
+    assert (gram.keep_threshold - exact.keep_threshold).abs().max() < 2**32 * 1e-4
+    assert torch.allclose(gram.reconstruct(), exact.reconstruct(), atol=1e-4)
+    lossless = compress_delta(delta, None)
+    lossless_svd = compress_delta(delta, None, svd_method="svd")
+    for key, tensor in lossless_svd.state_dict().items():
+        assert torch.equal(lossless.state_dict()[key], tensor), key  # auto = exact SVD when every pair counts
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_deterministic(method):
+    delta = random_delta(70, 50, seed=9)
+    first = compress_delta(delta, 4.0, 0.6, 0.5, seed=1, name="d", svd_method=method)
+    second = compress_delta(delta.clone(), 4.0, 0.6, 0.5, seed=1, name="d", svd_method=method)
+    for key, tensor in first.state_dict().items():
+        assert torch.equal(second.state_dict()[key], tensor), key
+    assert torch.equal(first.reconstruct(), second.reconstruct())
+
+
+def test_pairs_needed():
+    assert pairs_needed((4096, 4096), 16.0, 0.8) == 819
+    assert pairs_needed((4096, 11008), 16.0, 0.8) == 819
+    assert pairs_needed((64, 64), 2.0, 0.9) == 16  # the budget, not the pre-pruning, binds
+    assert pairs_needed((64, 64), None, 0.9) == 64
+    for shape, ratio, beta in [((64, 40), 3.0, 0.5), ((40, 64), 8.0, 0.8), ((64, 64), 1.5, 0.0)]:
+        sigma = torch.linspace(1.0, 0.9, min(shape))  # flat: no clipping, the boundary is as far as it goes
+        assert allocate_keep_prob(sigma, shape, ratio, beta).boundary <= pairs_needed(shape, ratio, beta)
+
+
+# ------------------------------------------------------------------------------------------- edge cases
+
+
+def test_zero_delta_stores_nothing():
+    compressed = compress_delta(torch.zeros(20, 30), 8.0)
+    assert compressed.rank == 0 and compressed.num_stored_values == 0 and compressed.nbytes == 0
+    assert torch.equal(compressed.reconstruct(), torch.zeros(20, 30))
+    assert compressed.disk_compression_ratio == math.inf
+
+
+def test_rank_deficient_delta_is_kept_whole_when_under_budget():
+    delta = matrix_with_spectrum(40, 30, [3.0, 2.0], dtype=torch.float32)
+    compressed = compress_delta(delta, 2.0, 0.8, 1.0)
+    assert compressed.rank == 2 and (compressed.keep_threshold == THRESHOLD_ONE).all()
+    assert compressed.num_factor_values == 2 * 70
+    assert torch.allclose(compressed.reconstruct(), delta, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (64, 1)])
+def test_single_pair_delta(shape):
+    delta = random_delta(*shape, seed=2)
+    ratio = 4.0
+    compressed = compress_delta(delta, ratio, 0.8, 1.0)
+    q = float(compressed.keep_prob[0])
+    assert compressed.rank == 1 and q == pytest.approx(target_keep_fraction(shape, ratio), abs=1e-9)
+    assert q * 65 == pytest.approx(64 / ratio)
+    # One pair, nothing dropped: unbiased, with the closed-form error; without the rescale it is not.
+    sampler = Sampler(delta, ratio, 0.8)
+    assert unbiasedness_check(draw(sampler, 200), sampler) == {"mean": True, "elements": True, "mse": True}
+    unrescaled = unbiasedness_check(draw(sampler, 200, rescaled=False), sampler)
+    assert not passes(unrescaled) and not unrescaled["mse"] and not unrescaled["mean"], unrescaled
+
+
+def test_all_sigma_equal_gets_a_uniform_allocation():
+    # A scaled orthogonal matrix: every sigma is 2 up to the SVD's rounding.
+    q_mat, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    compressed = compress_delta(2.0 * q_mat, 8.0, 0.6, 1.0)
+    budget = target_keep_fraction((64, 64), 8.0) * 64
+    assert compressed.rank == 25
+    assert torch.allclose(compressed.keep_prob, torch.full((25,), budget / 25, dtype=F64), atol=1e-9)
+
+
+def test_pre_pruning_over_budget_lowers_it():
+    compressed = compress_delta(random_delta(64, 64), 2.0, 0.9, 1.0)
+    assert compressed.rank == 16 and (compressed.keep_threshold == THRESHOLD_ONE).all()
+    assert compressed.num_factor_values == 64 * 64 // 2
+
+
+def test_lossless_reconstructs_the_delta():
+    delta = random_delta(30, 50, dtype=F64)
+    compressed = compress_delta(delta, None, svd_dtype=F64)
+    assert compressed.rank == 30 and compressed.u_values.numel() == 30 * 30
+    assert torch.allclose(compressed.reconstruct(F64), delta, atol=1e-5)
+
+
+def test_reconstruct_dtype_and_device():
+    compressed = compress_delta(random_delta(16, 24), 4.0, 0.5)
+    assert compressed.reconstruct().dtype == torch.float32
+    assert compressed.reconstruct(torch.bfloat16).dtype == torch.bfloat16
+    assert compressed.reconstruct(device="cpu").device.type == "cpu"
+    assert compressed.reconstruct().shape == (16, 24)
+
+
+# ------------------------------------------------------------------------------------------ state dict
+
+
+def test_state_dict_roundtrip_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    compressed = compress_delta(random_delta(40, 56, dtype=torch.float16), 8.0, 0.7, 0.5, seed=12, name="l.q")
+    save_file(compressed.state_dict(), tmp_path / "c.safetensors")
+    loaded = CompressedDelta.from_state_dict(
+        load_file(tmp_path / "c.safetensors"), (40, 56), seed=12, name="l.q", check_counts=True
+    )
+    assert torch.equal(loaded.reconstruct(), compressed.reconstruct())
+
+
+def _tensors(compressed):
+    return {k: v.clone() for k, v in compressed.state_dict().items()}
+
+
+def test_from_state_dict_rejects_mismatches():
+    compressed = compress_delta(random_delta(40, 30), 4.0, 0.6, 1.0, seed=1, name="m")
+    good = _tensors(compressed)
+    load = CompressedDelta.from_state_dict
+    load(good, (40, 30), 1, "m", check_counts=True)
+
+    cases = []
+    bad = _tensors(compressed)
+    del bad["u_values"]
+    cases.append((bad, (40, 30), "missing tensors"))
+    bad = _tensors(compressed)
+    bad["keep_threshold"] = bad["keep_threshold"][:-1]
+    cases.append((bad, (40, 30), "keep thresholds for"))
+    bad = _tensors(compressed)
+    bad["u_values"] = bad["u_values"].reshape(1, -1)
+    cases.append((bad, (40, 30), "u_values must be 1-D"))
+    bad = _tensors(compressed)
+    bad["keep_threshold"] = bad["keep_threshold"].double()
+    cases.append((bad, (40, 30), "keep_threshold must be an integer tensor"))
+    bad = _tensors(compressed)
+    bad["keep_threshold"][-1] = 0
+    cases.append((bad, (40, 30), r"keep_threshold values must lie in \[1, 2\*\*32\]"))
+    bad = _tensors(compressed)
+    bad["keep_threshold"][0] = THRESHOLD_ONE + 1
+    cases.append((bad, (40, 30), r"keep_threshold values must lie"))
+    cases.append((good, (40, 2), "singular pairs for a 40 x 2 matrix"))
+    bad = _tensors(compressed)
+    bad["u_values"] = torch.zeros(compressed.rank * 40 + 1)
+    cases.append((bad, (40, 30), r"u_values holds \d+ values, more than the \d+ x 40 factor"))
+    cases.append((good, (40,), "shape must be two positive sizes"))
+    cases.append((good, (0, 30), "shape must be two positive sizes"))
+    for tensors, shape, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load(tensors, shape, 1, "m")
+
+
+def test_wrong_counts_are_caught_at_load_or_reconstruct():
+    compressed = compress_delta(random_delta(40, 30), 4.0, 0.6, 1.0, seed=1, name="m")
+    bad = _tensors(compressed)
+    bad["v_values"] = torch.cat([bad["v_values"], torch.zeros(1)])
+    with pytest.raises(
+        ValueError, match="v_values holds .* values but the mask regenerated from the seed keeps"
+    ):
+        CompressedDelta.from_state_dict(bad, (40, 30), 1, "m", check_counts=True)
+    lazy = CompressedDelta.from_state_dict(bad, (40, 30), 1, "m")
+    with pytest.raises(ValueError, match="packed factor holds"):
+        lazy.reconstruct()
+    # Another seed or module name regenerates other masks: caught the same way.
+    with pytest.raises(ValueError, match="mask regenerated from the seed"):
+        CompressedDelta.from_state_dict(_tensors(compressed), (40, 30), 2, "m", check_counts=True)
+    with pytest.raises(ValueError, match="mask regenerated from the seed"):
+        CompressedDelta.from_state_dict(_tensors(compressed), (40, 30), 1, "other", check_counts=True)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_delta(value):
+    delta = random_delta(8, 6)
+    delta[3, 2] = value
+    with pytest.raises(ValueError, match=r"contains 1 NaN or inf value\(s\)"):
+        compress_delta(delta, 4.0, name="layer.0")
+    with pytest.raises(ValueError, match="'layer.0'"):
+        compress_delta(delta, 4.0, name="layer.0")
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 3, 4), ()])
+def test_not_a_matrix(shape):
+    with pytest.raises(ValueError, match="must be a 2-D matrix"):
+        compress_delta(torch.ones(shape), 4.0)
+
+
+def test_other_bad_deltas():
+    with pytest.raises(ValueError, match="floating-point"):
+        compress_delta(torch.ones(4, 4, dtype=torch.int64), 4.0)
+    with pytest.raises(ValueError, match="empty"):
+        compress_delta(torch.ones(0, 4), 4.0)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        compress_delta([[1.0, 2.0]], 4.0)
+    check_delta(torch.ones(2, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"compression_ratio": 1.0}, "compression_ratio must be > 1"),
+        ({"compression_ratio": 0.5}, "compression_ratio must be > 1"),
+        ({"compression_ratio": float("nan")}, "compression_ratio"),
+        ({"pre_prune_ratio": 1.0}, r"pre_prune_ratio \(beta\) must be in \[0, 1\)"),
+        ({"pre_prune_ratio": -0.2}, r"pre_prune_ratio \(beta\) must be in \[0, 1\)"),
+        ({"importance_exponent": 0.0}, r"importance_exponent \(C\) must be a finite number > 0"),
+        ({"importance_exponent": -1.0}, r"importance_exponent \(C\)"),
+        ({"svd_dtype": torch.float16}, "svd_dtype must be torch.float32 or torch.float64"),
+        ({"svd_method": "qr"}, "svd_method must be one of"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compress_delta(random_delta(12, 10), **kwargs)
