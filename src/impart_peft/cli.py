@@ -1,0 +1,531 @@
+"""The ``impart`` command line: compress, inspect, apply and evaluate ImPart adapters.
+
+    impart compress BASE FINETUNED OUTPUT [--ratio 16] [--pre-prune 0.8] [--exponent 1.0] [--seed 0] [--device cuda]
+    impart inspect ADAPTER
+    impart apply BASE ADAPTER OUTPUT
+    impart eval BASE FINETUNED ADAPTER [--text FILE]
+
+Every command has ``--help``. Errors print one line on stderr and exit with status 1 (2 for a bad command line);
+``--debug`` shows the traceback instead. The defaults of ``compress`` are read from :class:`ImPartConfig`, so the
+same inputs and seed give the same adapter from Python and from the shell. See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .allocation import check_compression_ratio, check_importance_exponent, check_pre_prune_ratio
+from .config import ImPartConfig
+
+__all__ = ["build_parser", "main"]
+
+_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(ImPartConfig) if f.default is not dataclasses.MISSING
+}
+# Errors whose message is the whole story; anything else also gets its type name.
+_EXPECTED_ERRORS = (ValueError, OSError, KeyError, TypeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ----------------------------------------------------------------------------------------------- argument types
+def _ratio(text: str) -> float | None:
+    if text.strip().lower() in ("none", "lossless"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'none' for lossless)") from None
+    try:
+        check_compression_ratio(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _checked_float(check):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the seed must be a non-negative integer, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def _repo_id(text: str) -> str:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise argparse.ArgumentTypeError(" ".join(str(error).split())) from None
+    if "/" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: write the repo id as ORG/NAME (or USER/NAME)")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .checkpoints import compress_checkpoints, inspect_adapter
+
+    push = _push_function() if args.push_to_hub else None  # fail before hours of work, not after
+    config = ImPartConfig(
+        compression_ratio=args.ratio,
+        pre_prune_ratio=args.pre_prune,
+        importance_exponent=args.exponent,
+        seed=args.seed,
+        svd_dtype=args.svd_dtype,
+        include_embeddings=not args.no_embeddings,
+    )
+    output = compress_checkpoints(
+        args.base,
+        args.finetuned,
+        args.output,
+        config,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        summary = inspect_adapter(output)
+        print(
+            f"wrote {output}: {len(summary.modules)} modules, {_size(summary.file_bytes)} "
+            f"(the dense deltas: {_size(summary.dense_bytes)}, {_fmt_ratio(summary.disk_ratio)} smaller)"
+        )
+    if push is not None:
+        result = push(str(output), args.push_to_hub)
+        if not args.quiet:
+            print(f"pushed to {result if isinstance(result, str) else args.push_to_hub}")
+    return 0
+
+
+def _push_function():
+    if importlib.util.find_spec("impart_peft.hub") is None:
+        raise RuntimeError(
+            "--push-to-hub needs impart_peft.hub.push_adapter, which this installation of impart-peft does not "
+            "have: compress without --push-to-hub and upload the folder with the Hub's own tools"
+        )
+    push = getattr(importlib.import_module("impart_peft.hub"), "push_adapter", None)
+    if push is None:
+        raise RuntimeError(
+            "impart_peft.hub has no push_adapter: --push-to-hub is not available in this version"
+        )
+    return push
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoints import inspect_adapter
+
+    summary = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(_summary_dict(summary), indent=2))
+        return 0
+    config = summary.config
+    ratio = "lossless" if config.compression_ratio is None else f"{config.compression_ratio:g}"
+    print(f"adapter:    {summary.folder}")
+    print(f"base:       {config.base_model_name_or_path}")
+    print(f"fine-tune:  {config.finetuned_model_name_or_path}")
+    print(
+        f"settings:   ratio {ratio}, pre-prune {config.pre_prune_ratio:g}, exponent {config.importance_exponent:g}, "
+        f"seed {config.seed}, svd {config.svd_dtype}"
+    )
+    print()
+    rows = [("module", "kind", "shape", "dtype", "pairs", "stored values", "nominal CR", "disk CR")]
+    for m in summary.modules:
+        if m.kind == "tied":
+            pairs, stored = f"= {m.tied_to}", "0"
+        elif m.full_rank:
+            pairs, stored = f"{m.rank}/{m.full_rank}", f"{m.stored_values:,}"
+        else:
+            pairs, stored = "dense", f"{m.stored_values:,}"
+        rows.append(
+            (
+                m.name,
+                m.kind,
+                "x".join(str(d) for d in m.shape),
+                m.dtype,
+                pairs,
+                stored,
+                _fmt_ratio(m.nominal_ratio),
+                _fmt_ratio(m.disk_ratio),
+            )
+        )
+    rows.append(
+        (
+            f"total ({len(summary.modules)} modules)",
+            "",
+            "",
+            "",
+            "",
+            f"{summary.stored_values:,}",
+            _fmt_ratio(summary.nominal_ratio),
+            _fmt_ratio(summary.disk_ratio),
+        )
+    )
+    _print_table(rows, right={5, 6, 7}, total=True)
+    print()
+    print(
+        f"{ADAPTER_FILE}: {_size(summary.file_bytes)}; the dense deltas it replaces: {_size(summary.dense_bytes)} "
+        f"({_fmt_ratio(summary.disk_ratio)} on disk; nominal CR = dense matrix values / kept factor values)"
+    )
+    if summary.other_tensors:
+        print(
+            f"note: the file also holds {len(summary.other_tensors)} tensor(s) that are not ImPart deltas "
+            f"({_size(sum(summary.other_tensors.values()))}, e.g. {next(iter(summary.other_tensors))}); "
+            "PeftModel.save_pretrained adds the base's embeddings unless save_embedding_layers=False"
+        )
+    return 0
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _summary_dict(summary) -> dict[str, Any]:
+    modules = []
+    for m in summary.modules:
+        row = dataclasses.asdict(m)
+        row["shape"] = list(m.shape)
+        row["nominal_ratio"] = m.nominal_ratio
+        row["disk_ratio"] = m.disk_ratio
+        modules.append(row)
+    return {
+        "adapter": str(summary.folder),
+        "base_model_name_or_path": summary.config.base_model_name_or_path,
+        "finetuned_model_name_or_path": summary.config.finetuned_model_name_or_path,
+        "compression_ratio": summary.config.compression_ratio,
+        "file_bytes": summary.file_bytes,
+        "dense_bytes": summary.dense_bytes,
+        "stored_values": summary.stored_values,
+        "nominal_ratio": summary.nominal_ratio,
+        "disk_ratio": summary.disk_ratio,
+        "other_tensors": summary.other_tensors,
+        "modules": modules,
+    }
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .checkpoints import apply_adapter
+
+    output = apply_adapter(
+        args.base,
+        args.adapter,
+        args.output,
+        max_shard_size=args.max_shard_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"wrote {output}: load it with AutoModelForCausalLM.from_pretrained({str(output)!r})")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoints import evaluate_adapter
+
+    text = None
+    if args.text is not None:
+        path = Path(args.text)
+        if not path.is_file():
+            raise FileNotFoundError(f"the text file {args.text!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    result = evaluate_adapter(
+        args.base,
+        args.finetuned,
+        args.adapter,
+        text,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    print(f"{result.tokens} tokens ({result.tokenizer}); KL(fine-tune || model) in nats per token")
+    print()
+    _print_table(
+        [
+            ("model", "perplexity", "KL"),
+            ("fine-tune", f"{result.perplexity_finetuned:.4f}", "0"),
+            ("base + adapter", f"{result.perplexity_adapter:.4f}", f"{result.kl_adapter:.6f}"),
+            ("base", f"{result.perplexity_base:.4f}", f"{result.kl_base:.6f}"),
+        ],
+        right={1, 2},
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- output
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}x"
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def _print_table(rows: list[tuple[str, ...]], right: set[int], total: bool = False) -> None:
+    """Rows of cells in aligned columns; a rule under the header (and above the last row if ``total``)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    rule = "  ".join("-" * w for w in widths)
+    for n, row in enumerate(rows):
+        if total and n == len(rows) - 1:
+            print(rule)
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+        if n == 0:
+            print(rule)
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``impart`` argument parser (subcommands compress, inspect, apply, eval)."""
+    parser = _Parser(
+        prog="impart",
+        description="Ship a full fine-tune as a small ImPart adapter (PEFT), and use it.",
+        epilog="Run 'impart COMMAND --help' for a command's options. Documentation: docs/cli.md.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"impart-peft {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        # SUPPRESS: a --debug before the command is not overwritten by this one's default.
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback on errors",
+        )
+        return sub
+
+    def device_option(sub: argparse.ArgumentParser, what: str) -> None:
+        sub.add_argument("--device", default=None, help=f"where to {what}: cpu (default), cuda, cuda:1, ...")
+
+    compress = command(
+        "compress",
+        "compress a fine-tune against its base into an ImPart adapter",
+        "Compress FINETUNED - BASE into an ImPart adapter folder OUTPUT, reading one tensor pair at a time "
+        "(memory stays\nbounded by a few tensors). BASE and FINETUNED are local folders or Hub repo ids with "
+        "config.json and\nsafetensors weights (sharded or not). The defaults are ImPartConfig's.",
+    )
+    compress.add_argument("base", metavar="BASE", help="the base model: folder or Hub repo id")
+    compress.add_argument(
+        "finetuned", metavar="FINETUNED", help="the full fine-tune of BASE: folder or Hub repo id"
+    )
+    compress.add_argument("output", metavar="OUTPUT", help="the adapter folder to write")
+    compress.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=_DEFAULTS["compression_ratio"],
+        help="compression ratio: dense delta values / stored values, > 1, or 'none' for lossless "
+        "(default: %(default)s)",
+    )
+    compress.add_argument(
+        "--pre-prune",
+        type=_checked_float(check_pre_prune_ratio),
+        default=_DEFAULTS["pre_prune_ratio"],
+        metavar="BETA",
+        help="fraction of the smallest singular pairs dropped whole, in [0, 1) (default: %(default)s)",
+    )
+    compress.add_argument(
+        "--exponent",
+        type=_checked_float(check_importance_exponent),
+        default=_DEFAULTS["importance_exponent"],
+        metavar="C",
+        help="importance exponent C > 0 (default: %(default)s)",
+    )
+    compress.add_argument(
+        "--seed", type=_seed, default=_DEFAULTS["seed"], help="seed of the masks (default: %(default)s)"
+    )
+    compress.add_argument(
+        "--svd-dtype",
+        choices=("float32", "float64"),
+        default=_DEFAULTS["svd_dtype"],
+        help="precision of the SVD (default: %(default)s)",
+    )
+    compress.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="leave the input embeddings and the output head out (they stay the base's)",
+    )
+    device_option(compress, "run the SVDs (cuda is much faster; the bytes written depend on the device)")
+    compress.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    compress.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    compress.add_argument(
+        "--push-to-hub",
+        type=_repo_id,
+        default=None,
+        metavar="ORG/NAME",
+        help="upload the adapter to this Hub repo when done",
+    )
+    compress.set_defaults(func=_cmd_compress)
+
+    inspect = command(
+        "inspect",
+        "show an adapter's modules, kept pairs and compression ratios",
+        "Show, per module of an ImPart adapter (folder or Hub repo id): its shape, kept singular pairs, stored "
+        "values,\nthe nominal compression ratio (dense matrix values / kept factor values) and the on-disk ratio "
+        "(dense delta\nbytes in the fine-tune's dtype / bytes stored), and the totals. Reads no tensor.",
+    )
+    inspect.add_argument("adapter", metavar="ADAPTER", help="the adapter: folder or Hub repo id")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    apply = command(
+        "apply",
+        "write base + adapter as a standard transformers checkpoint",
+        "Write BASE + ADAPTER as a standard transformers model folder OUTPUT (the merged fine-tune): sharded "
+        "safetensors\nin the base's dtypes, the base's config.json, and tokenizer/generation files (the "
+        "adapter's if it has them,\nelse the base's). One tensor at a time; the same weights as "
+        "PeftModel.merge_and_unload().",
+    )
+    apply.add_argument("base", metavar="BASE", help="the base model the adapter was compressed against")
+    apply.add_argument("adapter", metavar="ADAPTER", help="the ImPart adapter: folder or Hub repo id")
+    apply.add_argument("output", metavar="OUTPUT", help="the model folder to write")
+    apply.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors shard, e.g. 5GB, 500MB (default: %(default)s)",
+    )
+    device_option(apply, "rebuild the deltas")
+    apply.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    apply.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    apply.set_defaults(func=_cmd_apply)
+
+    evaluate = command(
+        "eval",
+        "measure how close base + adapter is to the fine-tune",
+        "Next-token KL(fine-tune || base + adapter) and KL(fine-tune || base), in nats per token, and the "
+        "perplexities\nof the fine-tune, base + adapter and the base on a text (a built-in English text by "
+        "default). The text is\ntokenised with the base's tokenizer, else the fine-tune's, else taken as UTF-8 "
+        "bytes. One model in memory at a time.",
+    )
+    evaluate.add_argument("base", metavar="BASE", help="the base model: folder or Hub repo id")
+    evaluate.add_argument("finetuned", metavar="FINETUNED", help="the fine-tune: folder or Hub repo id")
+    evaluate.add_argument("adapter", metavar="ADAPTER", help="the ImPart adapter: folder or Hub repo id")
+    evaluate.add_argument("--text", metavar="FILE", default=None, help="a UTF-8 text file to evaluate on")
+    evaluate.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=1024,
+        help="tokens of the text used (default: %(default)s)",
+    )
+    evaluate.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype the models run in; auto = the checkpoints' (default: %(default)s)",
+    )
+    device_option(evaluate, "run the models")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--quiet", action="store_true", help="no loading progress bars")
+    evaluate.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    if isinstance(error, KeyError):  # str(KeyError) is the quoted key alone
+        message = f"missing key {message}"
+    if not isinstance(error, _EXPECTED_ERRORS):
+        message = f"{type(error).__name__}: {message}" if message else type(error).__name__
+        message += " (run with --debug for the traceback)"
+    return message or type(error).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line per warning, so that the command's output stays readable.
+    print(f"impart: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``impart`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"impart {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            if debug:
+                raise
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            print(f"impart {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
