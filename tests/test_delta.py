@@ -97,9 +97,9 @@ class Sampler:
         weight = self.sigma[:r].to(F64) ** 2 * (1 / self.q**2 - 1)
         return (self.u[:, :r] ** 2 * weight) @ (self.v[:, :r] ** 2).t()
 
-    def unrescaled(self, compressed: CompressedDelta) -> torch.Tensor:
+    def unrescaled(self, compressed: CompressedDelta, masks) -> torch.Tensor:
         """The ablation the paper warns about: the same masks and kept values, without the 1/q_k."""
-        mask_u, mask_v = compressed.masks()
+        mask_u, mask_v = masks
         u = unpack_columns(compressed.u_values.to(F64), mask_u)
         v = unpack_columns(compressed.v_values.to(F64), mask_v)
         return (u * compressed.singular_values.to(F64)) @ v.t()
@@ -132,12 +132,14 @@ def passes(result: dict[str, bool]) -> bool:
     return all(result.values())
 
 
-def draw(sampler: Sampler, num: int, rescaled: bool = True) -> torch.Tensor:
-    out = []
+def draw(sampler: Sampler, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` reconstructions (seeds 0..num-1) and, from the very same masks, the unrescaled variant."""
+    rescaled, unrescaled = [], []
     for seed in range(num):
         compressed = sampler.compressed(seed)
-        out.append(compressed.reconstruct(F64) if rescaled else sampler.unrescaled(compressed))
-    return torch.stack(out)
+        rescaled.append(compressed.reconstruct(F64))
+        unrescaled.append(sampler.unrescaled(compressed, compressed.masks()))
+    return torch.stack(rescaled), torch.stack(unrescaled)
 
 
 def test_sampler_matches_compress_delta():
@@ -155,10 +157,10 @@ def test_unbiased_when_every_pair_is_kept_and_unrescaled_variant_fails():
     sampler = Sampler(matrix_with_spectrum(40, 30, [6.0, 5.0, 4.0, 3.0, 2.5, 2.0]), 4.0, 0.0)
     assert sampler.rank == 6 and (sampler.q > 0).all() and (sampler.q < 1).sum() >= 4
     assert torch.allclose(sampler.kept_part(), sampler.delta, atol=1e-12)
-    samples = draw(sampler, 400)
+    samples, unrescaled = draw(sampler, 400)
     assert unbiasedness_check(samples, sampler) == {"mean": True, "elements": True, "mse": True}
     # Same masks, same kept values, no 1/q_k: every check rejects it.
-    assert unbiasedness_check(draw(sampler, 400, rescaled=False), sampler) == {
+    assert unbiasedness_check(unrescaled, sampler) == {
         "mean": False,
         "elements": False,
         "mse": False,
@@ -171,10 +173,10 @@ def test_closed_form_error_counts_the_dropped_pairs():
     sampler = Sampler(delta, 2.0, 0.6, exponent=0.5)
     assert sampler.rank == 11 and float(sampler.q.min()) > 0.4  # (a tiny q_k makes the error heavy-tailed)
     assert sampler.closed_form_mse() > 1.5 * float((sampler.sigma[11:] ** 2).sum())
-    samples = draw(sampler, 400)
+    samples, unrescaled = draw(sampler, 400)
     assert unbiasedness_check(samples, sampler) == {"mean": True, "elements": True, "mse": True}
-    unrescaled = unbiasedness_check(draw(sampler, 400, rescaled=False), sampler)
-    assert not passes(unrescaled) and not unrescaled["mse"], unrescaled
+    result = unbiasedness_check(unrescaled, sampler)
+    assert not passes(result) and not result["mse"], result
 
 
 def test_rescale_uses_the_stored_keep_probability():
@@ -343,9 +345,10 @@ def test_single_pair_delta(shape):
     assert q * 65 == pytest.approx(64 / ratio)
     # One pair, nothing dropped: unbiased, with the closed-form error; without the rescale it is not.
     sampler = Sampler(delta, ratio, 0.8)
-    assert unbiasedness_check(draw(sampler, 200), sampler) == {"mean": True, "elements": True, "mse": True}
-    unrescaled = unbiasedness_check(draw(sampler, 200, rescaled=False), sampler)
-    assert not passes(unrescaled) and not unrescaled["mse"] and not unrescaled["mean"], unrescaled
+    samples, unrescaled = draw(sampler, 200)
+    assert unbiasedness_check(samples, sampler) == {"mean": True, "elements": True, "mse": True}
+    result = unbiasedness_check(unrescaled, sampler)
+    assert not passes(result) and not result["mse"] and not result["mean"], result
 
 
 def test_all_sigma_equal_gets_a_uniform_allocation():

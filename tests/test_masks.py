@@ -164,21 +164,32 @@ def test_hash_rejects_bad_keys():
 
 
 _SUBPROCESS = """
-import json, torch
-from impart_peft.masks import element_hash, keep_mask, keep_threshold_from_prob
-t = keep_threshold_from_prob(torch.tensor([1.0, 0.7, 0.5, 0.3, 0.0]))
+import importlib.util, json, sys, torch
+# The masks module alone (it needs only hashlib and torch): a fresh interpreter without the package's
+# PEFT/transformers imports, so the test stays fast.
+spec = importlib.util.spec_from_file_location("fresh_masks", sys.argv[1])
+masks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(masks)
+t = masks.keep_threshold_from_prob(torch.tensor([1.0, 0.7, 0.5, 0.3, 0.0]))
+big = masks.keep_mask(77, "p.q", "V", masks.keep_threshold_from_prob(torch.linspace(1, 0.1, 64)), 999)
 print(json.dumps({
-    "mask": keep_mask(3, "layer", "U", t, 16).t().int().tolist(),
-    "block": element_hash(3, "layer", "V", torch.tensor([0, 2, 9]), 5).tolist(),
-    "big": keep_mask(77, "p.q", "V", keep_threshold_from_prob(torch.linspace(1, 0.1, 64)), 999).sum(0).tolist(),
+    "mask": masks.keep_mask(3, "layer", "U", t, 16).t().int().tolist(),
+    "block": masks.element_hash(3, "layer", "V", torch.tensor([0, 2, 9]), 5).tolist(),
+    "big": big.sum(0).tolist(),
 }))
 """
 
 
 def test_mask_same_in_a_fresh_process():
+    import impart_peft.masks as module
+
     env = dict(os.environ, PYTHONHASHSEED="12345")  # the key must not depend on Python's salted hash()
     out = subprocess.run(
-        [sys.executable, "-c", _SUBPROCESS], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", _SUBPROCESS, module.__file__],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     got = json.loads(out.stdout)
     assert got["mask"] == GOLDEN_MASK_COLUMNS

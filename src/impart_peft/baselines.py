@@ -5,6 +5,10 @@
 * Magnitude: the ``m*n/CR`` largest-magnitude elements of ΔW, unscaled. Its values are counted like the
   others' (the paper's accounting); its ``nbytes`` also counts the int32 indices it cannot do without.
 
+All three take the delta's dtype for their stored values unless ``storage_dtype`` says otherwise. DARE's mask
+is the counter-based hash of :mod:`impart_peft.masks` (element ``(i, j)`` of ΔW is hashed as row ``j`` of
+column ``i`` of the ``"U"`` stream of ``(seed, name)``), so it is stored as a threshold, not as indices.
+
 Each has ``reconstruct(dtype=None, device=None)``, ``num_stored_values``, ``nbytes``, ``compression_ratio``
 (nominal) and ``disk_compression_ratio``. Pure torch.
 """
@@ -18,7 +22,7 @@ import torch
 
 from .allocation import check_compression_ratio
 from .delta import check_delta, dtype_bits, svd_top
-from .masks import FACTOR_U, element_hash
+from .masks import FACTOR_U, keep_mask
 
 __all__ = ["DareDelta", "LowRankDelta", "MagnitudeDelta", "dare_delta", "lowrank_delta", "magnitude_delta"]
 
@@ -61,10 +65,12 @@ class DareDelta(_Ratios):
     reference_dtype: torch.dtype
 
     def mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Bool ``(m, n)`` keep mask: element ``(i, j)`` is kept when ``hash32(seed, name, "U", i, j)`` is below
+        the threshold (rows of ΔW play the role of the hash's columns, so each row is its own stream)."""
         m, n = self.shape
-        # Rows of ΔW play the role of "columns" of the hash so each row is its own stream.
-        hashes = element_hash(self.seed, self.name, FACTOR_U, torch.arange(m), n, device=device)
-        return (hashes < self.keep_threshold).t()
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        threshold = torch.full((m,), self.keep_threshold, dtype=torch.int64, device=device)
+        return keep_mask(self.seed, self.name, FACTOR_U, threshold, n, device=device).t()
 
     @property
     def num_stored_values(self) -> int:
@@ -77,6 +83,10 @@ class DareDelta(_Ratios):
     def reconstruct(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         device = device if device is not None else self.values.device
         mask = self.mask(device)
+        if int(mask.sum()) != self.values.numel():
+            raise ValueError(
+                f"DARE delta {self.name!r} holds {self.values.numel()} values but its mask keeps {int(mask.sum())}"
+            )
         out = torch.zeros(self.shape, dtype=torch.float32, device=device)
         scale = float(1 << 32) / self.keep_threshold
         out[mask] = self.values.to(device=device, dtype=torch.float32) * scale
@@ -128,14 +138,22 @@ class LowRankDelta(_Ratios):
 
 
 def lowrank_delta(
-    delta: torch.Tensor, compression_ratio: float, svd_dtype=torch.float32, storage_dtype=None
+    delta: torch.Tensor,
+    compression_ratio: float,
+    svd_dtype=torch.float32,
+    storage_dtype=None,
+    svd_method: str = "auto",
 ) -> LowRankDelta:
-    """The top ``round(m*n / (CR*(m+n)))`` singular pairs of ``delta``, kept whole."""
+    """The top ``round(m*n / (CR*(m+n)))`` singular pairs of ``delta`` (at least 1), kept whole.
+
+    ``svd_method`` as in :func:`~impart_peft.delta.svd_top` (``"auto"``: the Gram route when fewer than
+    ``min(m, n)`` pairs are kept).
+    """
     check_delta(delta)
     _require_ratio(compression_ratio)
     m, n = delta.shape
     rank = max(1, min(min(m, n), round(m * n / (compression_ratio * (m + n)))))
-    u, s, v = svd_top(delta, svd_dtype=svd_dtype)
+    u, s, v = svd_top(delta, num_pairs=rank, svd_dtype=svd_dtype, method=svd_method)
     storage_dtype = storage_dtype or delta.dtype
     return LowRankDelta(
         (m, n),
@@ -152,7 +170,7 @@ class MagnitudeDelta(_Ratios):
     """Magnitude pruning: the largest ``m*n/CR`` elements of ΔW with their flat indices."""
 
     shape: tuple[int, int]
-    indices: torch.Tensor  # int32 (k,) flat indices
+    indices: torch.Tensor  # int32 (k,) flat indices (int64 when m * n >= 2**31)
     values: torch.Tensor  # (k,)
     compression_ratio: float
     reference_dtype: torch.dtype
@@ -181,9 +199,10 @@ def magnitude_delta(delta: torch.Tensor, compression_ratio: float, storage_dtype
     count = max(1, round(m * n / compression_ratio))
     flat = delta.reshape(-1)
     indices = torch.topk(flat.abs().float(), count, sorted=False).indices.sort().values
+    index_dtype = torch.int32 if m * n <= torch.iinfo(torch.int32).max else torch.int64
     return MagnitudeDelta(
         (m, n),
-        indices.to(torch.int32),
+        indices.to(index_dtype),
         flat[indices].to(storage_dtype or delta.dtype).contiguous(),
         compression_ratio,
         delta.dtype,
