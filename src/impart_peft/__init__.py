@@ -9,6 +9,7 @@ from .baselines import dare_delta, lowrank_delta, magnitude_delta
 from .compressor import from_finetuned
 from .config import ImPartConfig
 from .delta import CompressedDelta, compress_delta
+from .hub import download_adapter, push_adapter, resolve_adapter
 from .layer import ImPartEmbedding, ImPartLayer, ImPartLinear, ImPartVector
 from .model import ImPartModel
 from .registration import IMPART_PEFT_TYPE, register
@@ -31,8 +32,11 @@ __all__ = [
     "allocate_keep_prob",
     "compress_delta",
     "dare_delta",
+    "download_adapter",
     "from_finetuned",
     "lowrank_delta",
     "magnitude_delta",
+    "push_adapter",
+    "resolve_adapter",
     "target_keep_fraction",
 ]
