@@ -349,8 +349,10 @@ class CompressedDelta:
         mask_u, mask_v = self.masks(device)
         # float64 reciprocal of the exact q, then cast: the rescale is the same wherever it is computed.
         inv_keep = (1.0 / self.keep_prob.to(device)).to(dtype)
-        u = unpack_columns(self.u_values.to(device=device, dtype=dtype), mask_u) * inv_keep
-        v = unpack_columns(self.v_values.to(device=device, dtype=dtype), mask_v) * inv_keep
+        u = unpack_columns(self.u_values.to(device=device, dtype=dtype), mask_u).mul_(
+            inv_keep
+        )  # fresh: in place
+        v = unpack_columns(self.v_values.to(device=device, dtype=dtype), mask_v).mul_(inv_keep)
         return u, self.singular_values.to(device=device, dtype=dtype), v
 
     def reconstruct(
