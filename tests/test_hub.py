@@ -44,6 +44,8 @@ VERSIONS = {"impart-peft": "0.1.0", "peft": "0.21.2", "transformers": "5.23.0", 
 REPO = "org/math-impart"
 BASE_REPO = "org/tiny-llama-base"
 PRIVATE_REPO = "org/private-impart"
+CLI_REPO = "org/cli-compressed"
+CLI_PUSH_REPO = "org/cli-pushed"
 
 
 # ---------------------------------------------------------------------------------------------------- card
@@ -267,6 +269,12 @@ info = main.push_to_hub("{repo}", tags=["math"], license="apache-2.0")
 info_v2 = v2.push_to_hub("{repo}", revision="v2")
 main.save_pretrained("saved_main")
 impart_peft.push_adapter("saved_main", "{private}", private=True)
+# The command line: compress two checkpoint folders and push, and push a saved folder.
+from impart_peft.cli import main as impart
+base.save_pretrained("base_dir")
+ft.save_pretrained("ft_dir")
+assert impart(["compress", "base_dir", "ft_dir", "cli_out", "--ratio", "4", "--quiet", "--push-to-hub", "{cli_repo}"]) == 0
+assert impart(["push", "saved_main", "{cli_push}", "--tag", "math", "--license", "mit", "--private"]) == 0
 torch.save(expected, "expected.pt")
 json.dump({{"main": info.oid, "v2": info_v2.oid}}, open("commits.json", "w"))
 """
@@ -298,6 +306,7 @@ try:
 except Exception as error:
     errors["private_no_token"] = type(error).__name__
 m = base(); m.load_adapter("{private}", token=token); got["private"] = logits(m)
+m = base(); m.load_adapter("{cli_repo}"); got["cli_compressed"] = logits(m)
 got["private_peft"] = logits(PeftModel.from_pretrained(base(), "{private}", token=token))
 torch.save(got, "got.pt")
 json.dump(errors, open("errors.json", "w"))
@@ -344,7 +353,9 @@ json.dump(errors, open("errors_offline.json", "w"))
 
 
 def _code(template: str) -> str:
-    return template.format(repo=REPO, base_repo=BASE_REPO, private=PRIVATE_REPO)
+    return template.format(
+        repo=REPO, base_repo=BASE_REPO, private=PRIVATE_REPO, cli_repo=CLI_REPO, cli_push=CLI_PUSH_REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +391,26 @@ def test_push_uploads_adapter_and_card(hub, pushed):
     assert f'load_adapter("{PRIVATE_REPO}")' in hub.file(PRIVATE_REPO, "README.md").content.decode()
 
 
+def test_cli_compress_push_to_hub_and_push(hub, pushed):
+    card = hub.file(CLI_REPO, "README.md").content.decode()
+    assert (
+        "impart compress base_dir ft_dir cli_out --ratio 4 --quiet --push-to-hub org/cli-compressed" in card
+    )
+    assert "base_model" not in _front_matter(card)  # compressed from a local folder: no Hub id to link
+    ft_params = read_card_inputs(card)["finetuned_num_parameters"]
+    assert (
+        ft_params
+        == read_card_inputs(hub.file(REPO, "README.md").content.decode())["finetuned_num_parameters"]
+    )
+    assert "generation_config.json" in hub.repos[CLI_REPO].resolve("main").files  # the fine-tune's side files
+    pushed_card = hub.file(CLI_PUSH_REPO, "README.md").content.decode()
+    meta = _front_matter(pushed_card)
+    assert meta["license"] == "mit" and meta["tags"][-1] == "math" and hub.repos[CLI_PUSH_REPO].private
+    assert f'model.load_adapter("{CLI_PUSH_REPO}")' in pushed_card
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert hub.file(CLI_PUSH_REPO, name).content == (pushed / "saved_main" / name).read_bytes()
+
+
 def test_pull_in_fresh_process_is_bit_identical(pulled, pushed):
     got, errors = pulled
     expected = torch.load(pushed / "expected.pt")
@@ -392,6 +423,7 @@ def test_pull_in_fresh_process_is_bit_identical(pulled, pushed):
         ("peft_v2", "v2"),
         ("private", "main"),
         ("private_peft", "main"),
+        ("cli_compressed", "main"),  # `impart compress` writes the bytes from_finetuned does
     ]:
         assert torch.equal(got[key], expected[want]), key
     # Without a token the private repo is not there (the server enforces it).

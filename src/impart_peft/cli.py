@@ -1,9 +1,11 @@
 """The ``impart`` command line: compress, inspect, apply and evaluate ImPart adapters.
 
     impart compress BASE FINETUNED OUTPUT [--ratio 16] [--pre-prune 0.8] [--exponent 1.0] [--seed 0] [--device cuda]
+                    [--push-to-hub ORG/NAME]
     impart inspect ADAPTER
     impart apply BASE ADAPTER OUTPUT
     impart eval BASE FINETUNED ADAPTER [--text FILE]
+    impart push ADAPTER ORG/NAME [--private] [--revision BRANCH] [--tag TAG] [--license ID]
 
 Every command has ``--help``. Errors print one line on stderr and exit with status 1 (2 for a bad command line);
 ``--debug`` shows the traceback instead. The defaults of ``compress`` are read from :class:`ImPartConfig`, so the
@@ -19,6 +21,7 @@ import importlib
 import importlib.util
 import json
 import math
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -127,6 +130,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        command=getattr(args, "command_line", None),
     )
     if not args.quiet:
         summary = inspect_adapter(output)
@@ -137,7 +141,24 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if push is not None:
         result = push(str(output), args.push_to_hub)
         if not args.quiet:
-            print(f"pushed to {result if isinstance(result, str) else args.push_to_hub}")
+            print(f"pushed to {args.push_to_hub}: {getattr(result, 'commit_url', result)}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_adapter
+
+    info = push_adapter(
+        args.adapter,
+        args.repo_id,
+        token=args.token,
+        private=True if args.private else None,
+        revision=args.revision,
+        commit_message=args.message,
+        tags=args.tag or None,
+        license=args.license,
+    )
+    print(f"pushed {args.adapter} to {args.repo_id}: {info.commit_url}")
     return 0
 
 
@@ -485,6 +506,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument("--quiet", action="store_true", help="no loading progress bars")
     evaluate.set_defaults(func=_cmd_eval)
+
+    push = command(
+        "push",
+        "upload an adapter folder to the Hub with its model card",
+        "Upload the ImPart adapter folder ADAPTER to the Hub repo ORG/NAME (created if needed) in one commit:\n"
+        "adapter_config.json, adapter_model.safetensors, the tokenizer files it has, and a generated model card\n"
+        "(README.md). The token is HF_TOKEN or the one saved by `hf auth login`, unless --token is given.",
+    )
+    push.add_argument("adapter", metavar="ADAPTER", help="the adapter folder (from `impart compress`)")
+    push.add_argument("repo_id", metavar="ORG/NAME", type=_repo_id, help="the Hub repo to push to")
+    push.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its own)"
+    )
+    push.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (default: main)")
+    push.add_argument(
+        "--tag", action="append", default=[], metavar="TAG", help="a task tag for the card (repeatable)"
+    )
+    push.add_argument(
+        "--license", default=None, metavar="ID", help="license of the fine-tune, e.g. apache-2.0"
+    )
+    push.add_argument("--message", default=None, help="commit message")
+    push.add_argument(
+        "--token", default=None, help="Hub token with write access (default: HF_TOKEN or login)"
+    )
+    push.set_defaults(func=_cmd_push)
     return parser
 
 
@@ -507,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``impart`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Recorded in the model card as "how it was made" (no command takes a secret but `push --token`).
+    args.command_line = shlex.join(["impart", *(sys.argv[1:] if argv is None else argv)])
     debug = getattr(args, "debug", False)
     with warnings.catch_warnings():
         if not debug:
