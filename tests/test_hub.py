@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -596,3 +597,11 @@ def test_push_without_write_access(hub, pushed, tmp_path):
         assert not (folder / "README.md").read_text().count("org/x")  # the folder itself is not modified
     finally:
         hub_regular.stop()
+
+
+def test_push_when_the_hub_cannot_be_reached(pushed):
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(AdapterDownloadError, match="the Hub cannot be reached"):
+        push_adapter(pushed / "saved_main", "org/x", token=TOKEN, endpoint=dead)

@@ -244,9 +244,8 @@ def push_adapter(
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
         for name in ADAPTER_FILES
     ]
-    for name in _side_files(
-        folder
-    ):  # the fine-tune's tokenizer / generation files, as `impart compress` copies
+    # The fine-tune's tokenizer / generation files, which `impart compress` copies next to the adapter.
+    for name in _side_files(folder):
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)))
     for entry in sorted(os.listdir(folder)):  # other adapters of the same model, saved by PEFT in sub-folders
         sub = os.path.join(folder, entry)
@@ -283,7 +282,10 @@ def push_adapter(
 @contextlib.contextmanager
 def _hub_errors(action: str, repo_id: str, write: bool = False, revision: str | None = None):
     """Turn huggingface_hub / transport errors into one clear :class:`HubError` each."""
-    import httpx2
+    try:  # the HTTP client huggingface_hub 2.x uses
+        from httpx2 import ConnectError, TransportError
+    except ImportError:  # pragma: no cover - another huggingface_hub: plain OSErrors only
+        ConnectError = TransportError = OSError  # noqa: N806
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -325,9 +327,14 @@ def _hub_errors(action: str, repo_id: str, write: bool = False, revision: str | 
         ) from error
     except (OfflineModeIsEnabled, LocalEntryNotFoundError):
         raise
-    except (httpx2.TransportError, OSError) as error:
+    except (TransportError, OSError) as error:
         if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
             raise
+        if isinstance(error, ConnectError):
+            raise AdapterDownloadError(
+                f"Could not {action}: the Hub cannot be reached ({error}). Check the connection (or HF_ENDPOINT) "
+                "and try again."
+            ) from error
         raise AdapterDownloadError(
             f"Could not {action}: the connection failed part-way ({type(error).__name__}: {error}). Nothing "
             "partial was kept; run the same call again."
