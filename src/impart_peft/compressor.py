@@ -258,6 +258,8 @@ def from_finetuned(
             "The fine-tune is identical to the base in every targeted module: nothing to compress"
         )
     config.module_meta = module_meta
+    # The targets are module_meta's keys from now on (see ImPartModel._prepare_adapter_config).
+    config.target_modules = None
     config.base_fingerprint = {n: fingerprints[n] for n in module_meta if n in fingerprints}
     config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None
     config.finetuned_model_name_or_path = getattr(finetuned_model, "name_or_path", None) or None

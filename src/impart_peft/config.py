@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from .adapter_io import validate_adapter_folder
 from .allocation import check_compression_ratio, check_importance_exponent, check_pre_prune_ratio
 from .registration import IMPART_PEFT_TYPE
 
@@ -28,7 +30,8 @@ class ImPartConfig(PeftConfig):
         seed: non-negative integer; the masks are a pure function of (seed, module name, factor, column, row).
         target_modules: module names to compress, or ``None`` for every module a full fine-tune changes: each
             ``nn.Linear`` / ``Conv1D``, the input embeddings and the output head, and the 1-D parameters of the
-            other modules (norms), which are stored densely. :func:`from_finetuned` replaces it with the exact list.
+            other modules (norms), which are stored densely. Once compressed, ``module_meta`` lists the targets and
+            this field is cleared (PEFT would otherwise save the whole base embedding matrices with the adapter).
         include_embeddings: ``False`` leaves the input embeddings and the output head out (they stay the base's).
         svd_dtype: ``"float32"`` (default) or ``"float64"``: the precision of the SVD.
         base_check: what to do when the base model does not match ``base_fingerprint`` at load time: ``"error"``
@@ -82,3 +85,21 @@ class ImPartConfig(PeftConfig):
             raise ValueError(f"base_check must be 'error', 'warn' or 'ignore', got {self.base_check!r}")
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(self.target_modules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load ``adapter_config.json``; for a local folder, also check its weights file before anything is injected.
+
+        Raises:
+            ValueError: the folder holds another PEFT method's adapter, or its weights are missing or truncated.
+        """
+        config = PeftConfig.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, ImPartConfig):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {getattr(config.peft_type, 'value', config.peft_type)} "
+                "adapter, not an ImPart (IMPART) one: load it with its own PEFT method"
+            )
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            validate_adapter_folder(folder, config.module_meta)
+        return config

@@ -376,17 +376,37 @@ class ImPartVector(nn.Module, ImPartLayer):
         result = self._plain_forward(x, *args, **kwargs)
         if result is not None:
             return result
-        base = self.base_layer
-        params = {}
+        deltas: dict[str, list[torch.Tensor]] = {}
         for adapter in self._active():
             for param_name, delta in self._vector_deltas(adapter).items():
-                current = params.get(param_name, getattr(base, param_name))
+                deltas.setdefault(param_name, []).append(delta)
+        if not deltas:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        hook = getattr(base, "_hf_hook", None)
+        offloaded = hook is not None and getattr(hook, "offload", False)
+        if offloaded:
+            # accelerate offload: the weights only exist between the hook's pre_forward and post_forward, so run
+            # those steps here around the swapped parameters (the hook would otherwise overwrite them).
+            args, kwargs = hook.pre_forward(base, x, *args, **kwargs)
+            x, args = args[0], args[1:]
+            forward = base._old_forward
+        else:
+            forward = base.forward
+        originals = {name: base._parameters[name] for name in deltas}
+        try:
+            for name, param_deltas in deltas.items():
+                current = originals[name]
                 # Sum in the delta's (exact) precision so the result is the fine-tune's parameter bit for bit.
-                work = torch.promote_types(current.dtype, delta.dtype)
-                params[param_name] = (current.to(work) + delta.to(current.device, work)).to(current.dtype)
-        if not params:
-            return base(x, *args, **kwargs)
-        return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
+                work = torch.promote_types(current.dtype, param_deltas[0].dtype)
+                value = current.to(work)
+                for delta in param_deltas:
+                    value = value + delta.to(current.device, work)
+                base._parameters[name] = nn.Parameter(value.to(current.dtype), requires_grad=False)
+            output = forward(x, *args, **kwargs)
+        finally:
+            base._parameters.update(originals)
+        return hook.post_forward(base, output) if offloaded else output
 
 
 def layer_class_for(base_layer: nn.Module, kind: str) -> type[ImPartLayer]:

@@ -40,7 +40,9 @@ class ImPartModel(BaseTuner):
                 "impart_peft.from_finetuned(base, finetuned, config) or `impart compress`, not trained from scratch"
             )
         self._check_base(peft_config)
-        peft_config.target_modules = sorted(peft_config.module_meta)
+        # module_meta is the list of targets; target_modules stays None so that PEFT's save does not mistake the
+        # compressed embeddings / head for trainable embeddings and write the full base matrices into the adapter.
+        peft_config.target_modules = None
         return peft_config
 
     def _check_base(self, config: ImPartConfig) -> None:
@@ -108,6 +110,23 @@ class ImPartModel(BaseTuner):
         if meta["kind"] == "tied":
             new_module.set_tied_source(adapter_name, _TiedSource(self.model, meta["tied_to"]))
         new_module._move_adapter_to_device_of_base_layer(adapter_name)
+        self._keep_adapter_off_disk(new_module, current_key)
+
+    def _keep_adapter_off_disk(self, layer: ImPartLayer, module_name: str) -> None:
+        """Map this layer's adapter tensors to its execution device in ``hf_device_map``.
+
+        transformers' ``load_adapter`` places every loaded tensor by the base model's ``hf_device_map``; for a
+        module mapped to ``"disk"`` it would write the adapter tensors to the offload folder, where nothing ever
+        reads them back (accelerate's hooks only know the base weights). They are small, so they stay in memory on
+        the device the layer computes on.
+        """
+        device_map = getattr(self.model, "hf_device_map", None)
+        if not isinstance(device_map, dict) or "disk" not in device_map.values():
+            return
+        device = layer._base_device()
+        target = device.index if device.type == "cuda" and device.index is not None else str(device)
+        for name in (*layer.adapter_layer_names, "impart_keep_threshold"):
+            device_map[f"{module_name}.{name}"] = target
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # A compressed fine-tune is for inference: nothing is trainable (the base stays frozen too).
