@@ -338,6 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ plumbing
     def _body(self) -> bytes:
+        self._body_was_read = True
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             chunks = []
             while True:
@@ -384,6 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
     _body_was_read = False
 
     def _dispatch(self) -> None:
+        self._body_was_read = False  # one handler serves every request of a keep-alive connection
         split = urlsplit(self.path)
         path = split.path
         query = {k: v[-1] for k, v in parse_qs(split.query).items()}
@@ -430,7 +432,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def create_repo(self, user: str | None, query: dict) -> None:
         payload = self._json_body()
-        self._body_was_read = True
         if payload.get("type", "model") not in (None, "model"):
             raise _HubError(400, "this test server only hosts model repos")
         name = payload.get("name") or ""
@@ -454,7 +455,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def create_branch(self, user: str | None, query: dict, repo: str, branch: str) -> None:
         payload = self._json_body()
-        self._body_was_read = True
         hub = self.hub
         with hub._lock:
             stored = hub._writable_repo(repo, user)
@@ -466,7 +466,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def validate_yaml(self, user: str | None, query: dict) -> None:
         payload = self._json_body()
-        self._body_was_read = True
         errors = []
         try:
             data = _front_matter(payload.get("content", ""))
@@ -572,7 +571,6 @@ class _Handler(BaseHTTPRequestHandler):
     def paths_info(self, user: str | None, query: dict, repo: str, revision: str) -> None:
         content_type = self.headers.get("Content-Type", "")
         body = self._body()
-        self._body_was_read = True
         if "json" in content_type:
             paths = json.loads(body or b"{}").get("paths", [])
         else:
@@ -586,7 +584,6 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ write API
     def preupload(self, user: str | None, query: dict, repo: str, revision: str) -> None:
         payload = self._json_body()
-        self._body_was_read = True
         hub = self.hub
         with hub._lock:
             stored = hub._writable_repo(repo, user)
@@ -611,7 +608,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def lfs_batch(self, user: str | None, query: dict, repo: str) -> None:
         payload = self._json_body()
-        self._body_was_read = True
         hub = self.hub
         with hub._lock:
             hub._writable_repo(repo, user)
@@ -643,7 +639,6 @@ class _Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(query.get("sig", ""), hub._sign("upload", oid, size)):
             raise _HubError(403, "bad upload signature")
         content = self._body()
-        self._body_was_read = True
         if len(content) != int(size) or hashlib.sha256(content).hexdigest() != oid:
             raise _HubError(400, f"uploaded content does not match oid {oid} / size {size}")
         with hub._lock:
@@ -652,7 +647,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def lfs_verify(self, user: str | None, query: dict, oid: str) -> None:
         payload = self._json_body()
-        self._body_was_read = True
         with self.hub._lock:
             content = self.hub.lfs_store.get(oid)
         if content is None or len(content) != int(payload.get("size", -1)):
@@ -661,7 +655,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def commit(self, user: str | None, query: dict, repo: str, revision: str) -> None:
         body = self._body()
-        self._body_was_read = True
         if query.get("create_pr"):
             raise _HubError(400, "this test server does not do pull requests")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
