@@ -6,8 +6,8 @@ No pretrained weights can be downloaded on this machine, so the pairs are made f
    text: sentences from a small grammar, sentences with numbers, key=value records;
 2. it is **fully fine-tuned** (every parameter, AdamW) on each of two tasks whose quality is measured exactly:
 
-   * ``add``: ``"347+085="`` -> the sum with its digits least-significant first, zero-padded to 4 digits
-     (``"2340"`` for 432): 3-digit addition answered in text. (Writing the sum from its last digit is the usual
+   * ``add``: ``"47+85="`` -> the sum with its digits least-significant first, zero-padded to 3 digits
+     (``"231"`` for 132): 2-digit addition with carries, answered in text. (Writing the sum from its last digit is the usual
      trick that lets a tiny model learn carries in minutes; the task is still exact-match arithmetic.)
    * ``extract``: ``"job=cook age=42 name=kim city=oslo|city?"`` -> ``"oslo."``: extraction of one field of a
      record, with the fields in random order.
@@ -72,17 +72,19 @@ class Recipe:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     seq_len: int = 128
-    pretrain_steps: int = 400
+    pretrain_steps: int = 300
     pretrain_batch: int = 24
     pretrain_lr: float = 3e-3
-    finetune_steps: dict = field(default_factory=lambda: {"add": 1600, "extract": 300})
+    finetune_steps: dict = field(default_factory=lambda: {"add": 800, "extract": 500})
     finetune_batch: int = 64
-    finetune_lr: float = 1e-3
-    n_val: int = 300
-    n_test: int = 600
+    # extract learns at a 10x smaller step, so its deltas are small next to the weights, as an LLM SFT's are;
+    # add needs the large one (at 2e-4 it stays on its loss plateau): the two pairs span both regimes.
+    finetune_lr: dict = field(default_factory=lambda: {"add": 2e-3, "extract": 2e-4})
+    n_val: int = 200
+    n_test: int = 400
     n_heldout: int = 32  # sequences of seq_len chars for the KL
     seed: int = 1234
-    version: int = 1
+    version: int = 2  # bump when the text or task generators change (they are not part of the fields)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -219,8 +221,8 @@ def general_text(rng: random.Random, n_chars: int) -> str:
 def task_example(task: str, rng: random.Random) -> tuple[str, str]:
     """``(prompt, answer)`` of ``task``; the answer is what exact match is scored on."""
     if task == "add":
-        a, b = rng.randint(0, 999), rng.randint(0, 999)
-        return f"{a:03d}+{b:03d}=", f"{a + b:04d}"[::-1]
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"{a:02d}+{b:02d}=", f"{a + b:03d}"[::-1]
     if task == "extract":
         rec = _record(rng)
         key = rng.choice(list(rec))
@@ -339,7 +341,8 @@ def finetune(base: LlamaForCausalLM, task: str, recipe: Recipe, train: list[tupl
     torch.manual_seed(recipe.seed + 1 + TASKS.index(task))
     model = LlamaForCausalLM(model_config(recipe))
     model.load_state_dict(base.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    lr = recipe.finetune_lr[task]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     steps = recipe.finetune_steps[task]
     model.train()
     start = time.time()
@@ -347,7 +350,7 @@ def finetune(base: LlamaForCausalLM, task: str, recipe: Recipe, train: list[tupl
         batch = train[step * recipe.finetune_batch : (step + 1) * recipe.finetune_batch]
         ids, mask = example_batch(batch)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, recipe.finetune_lr, 30)
+            group["lr"] = _lr_at(step, steps, lr, 30)
         loss = answer_loss(model, ids, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

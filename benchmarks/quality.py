@@ -80,6 +80,26 @@ def _impart(delta, ratio, seed, name, pre_prune_ratio=0.8, importance_exponent=1
     return c.reconstruct(), c.num_stored_values
 
 
+def _impart_trim(delta, ratio, seed, name, pre_prune_ratio=0.8, importance_exponent=1.0, min_keep_prob=0.1):
+    """Diagnostic, not a method of the paper or the library: ImPart exactly as ``_impart`` (same allocation, masks
+    and values), then the pairs with ``q_k < min_keep_prob`` are dropped whole. It stores *fewer* values than
+    ImPart; if it is nonetheless better, the pairs with tiny ``q_k`` (whose error is ``s_k^2 (1/q_k^2 - 1)``) are
+    what hurts ImPart."""
+    c = compress_delta(
+        delta,
+        compression_ratio=ratio,
+        pre_prune_ratio=pre_prune_ratio,
+        importance_exponent=importance_exponent,
+        seed=seed,
+        name=name,
+    )
+    u, sigma, v = c.factors()
+    keep = c.keep_prob >= min_keep_prob
+    mask_u, mask_v = c.masks()
+    stored = int(mask_u[:, keep].sum() + mask_v[:, keep].sum() + keep.sum())
+    return (u[:, keep] * sigma[keep]) @ v[:, keep].t(), stored
+
+
 def _dare(delta, ratio, seed, name):
     c = dare_delta(delta, ratio, seed=seed, name=name)
     return c.reconstruct(), c.num_stored_values
@@ -135,6 +155,11 @@ METHODS: dict[str, Method] = {
     "dare": Method(_dare, True, description="DARE: keep each element w.p. 1/CR, rescale"),
     "lowrank": Method(_lowrank, False, description="top singular pairs kept whole"),
     "magnitude": Method(_magnitude, False, description="largest |dW| elements, unscaled"),
+    "impart_trim": Method(
+        _impart_trim,
+        True,
+        description="diagnostic: default ImPart minus its pairs with q_k < 0.1 (fewer values)",
+    ),
     "impart_qt": Method(_impart_qt, True, _qt_available, "ImPart with quantized factors (issue 6)"),
 }
 
@@ -280,6 +305,7 @@ def run_task(run: Run, task: str, log) -> dict:
         raise RuntimeError(f"the {task} fine-tune is no better than the base on val: rebuild the pairs")
     model = run.work_model()
     info = {
+        "diagnostics": diagnostics(base, ft, run.ratios, run.grid),
         "anchors": {s: {k: v for k, v in anchors[s].items()} for s in ("val", "test")},
         "matrices": len(anchors["deltas"]),
         "matrix_values": sum(d.numel() for d in anchors["deltas"].values()),
@@ -324,6 +350,7 @@ def run_task(run: Run, task: str, log) -> dict:
             "dare": {},
             "lowrank": {},
             "magnitude": {},
+            "impart_trim": DEFAULT_IMPART,
             "impart_qt": DEFAULT_IMPART,
         }
         for name, params in plans.items():
@@ -418,6 +445,54 @@ def ordering_checks(summary: dict, ratios) -> list[dict]:
                         }
                     )
     return checks
+
+
+def diagnostics(base, ft, ratios, grid) -> dict:
+    """Why methods rank as they do, from the spectra alone (no model run): per method and ratio, the expected
+    squared error ``E||dW_c - dW||_F^2`` summed over matrices, relative to ``||dW||_F^2`` (closed forms: ImPart
+    ``sum_k s_k^2 (1/q_k^2 - 1)`` over kept pairs + the dropped energy, ALGORITHM.md section 2; DARE ``CR - 1``;
+    LowRank the energy of the dropped pairs), the smallest keep probability ImPart gives a kept pair, and what the
+    deltas look like (size relative to the base weights, energy in the top singular pairs)."""
+    from impart_peft import allocate_keep_prob
+
+    base_sd, ft_sd = base.state_dict(), ft.state_dict()
+    deltas = matrix_deltas(base_sd, ft_sd)
+    spectra = {k: torch.linalg.svdvals(d.double()) for k, d in deltas.items()}
+    energy = sum(float((s**2).sum()) for s in spectra.values())
+    out: dict = {
+        "delta_rel_norm": math.sqrt(energy / sum(float(base_sd[k].double().pow(2).sum()) for k in deltas)),
+        "energy_top": {},
+        "relative_error": {},
+        "impart_min_keep_prob": {},
+        "impart_pairs_below_0.1": {},
+    }
+    for frac in (0.05, 0.1, 0.2, 0.5):
+        top = sum(float((s[: max(1, int(len(s) * frac))] ** 2).sum()) for s in spectra.values())
+        out["energy_top"][str(frac)] = top / energy
+    for ratio in ratios:
+        errs = {"dare": ratio - 1.0}
+        low = 0.0
+        for k, s in spectra.items():
+            m, n = deltas[k].shape
+            rank = max(1, min(min(m, n), round(m * n / (ratio * (m + n)))))
+            low += float((s[rank:] ** 2).sum())
+        errs["lowrank"] = low / energy
+        for beta, c in grid:
+            err, min_q, small, kept_pairs = 0.0, 1.0, 0, 0
+            for k, s in spectra.items():
+                q = allocate_keep_prob(s, tuple(deltas[k].shape), ratio, beta, c).keep_prob
+                kept_mask = q > 0
+                qk = q[kept_mask]
+                err += float((s[kept_mask] ** 2 * (1 / qk**2 - 1)).sum() + (s[~kept_mask] ** 2).sum())
+                min_q = min(min_q, float(qk.min()))
+                small += int((qk < 0.1).sum())
+                kept_pairs += int(kept_mask.sum())
+            key = f"impart_b{beta}_C{c:g}"
+            errs[key] = err / energy
+            out["impart_min_keep_prob"].setdefault(key, {})[str(ratio)] = min_q
+            out["impart_pairs_below_0.1"].setdefault(key, {})[str(ratio)] = small / kept_pairs
+        out["relative_error"][str(ratio)] = errs
+    return out
 
 
 def run_merges(pairs: P.Pairs, log) -> dict:

@@ -27,6 +27,7 @@ LABELS = {
     "dare": "DARE",
     "lowrank": "LowRank",
     "magnitude": "Magnitude",
+    "impart_trim": "ImPart minus pairs with q<0.1 (diagnostic)",
     "impart_qt": "ImPart-QT",
 }
 COLORS = {
@@ -35,6 +36,7 @@ COLORS = {
     "dare": "tab:blue",
     "lowrank": "tab:green",
     "magnitude": "tab:gray",
+    "impart_trim": "tab:brown",
     "impart_qt": "tab:purple",
 }
 
@@ -75,7 +77,7 @@ def plot_quality(q: dict, path: Path) -> None:
                     capsize=3,
                     color=COLORS.get(method),
                     label=LABELS.get(method, method),
-                    ls="--" if method == "impart_default" else "-",
+                    ls={"impart_default": "--", "impart_trim": ":"}.get(method, "-"),
                 )
         title = "mean over tasks" if task == "mean" else f"task: {task}"
         axes[0, col].set_title(title)
@@ -216,6 +218,34 @@ def quality_tables(q: dict) -> str:
             f"{'yes' if c['holds_kl'] else '**no**'} |"
         )
     out.append("")
+    out.append("#### Diagnostics: the deltas, and each method's expected squared error (closed forms)\n")
+    out.append(
+        "Expected `E‖ΔW_c − ΔW‖²` summed over the matrices, relative to `‖ΔW‖²` (DARE: `CR − 1`; LowRank: the "
+        "dropped energy; ImPart: `Σ σ_k² (1/q_k² − 1)` over kept pairs + the dropped energy), the smallest `q_k` "
+        "ImPart gives a kept pair, and the share of its kept pairs with `q_k < 0.1`. Judge quality on the tables "
+        "above, not on these: they explain, they do not rank.\n"
+    )
+    for task, info in q["tasks"].items():
+        d = info["diagnostics"]
+        top = d["energy_top"]
+        out.append(
+            f"`{task}`: ‖ΔW‖/‖W_base‖ = {d['delta_rel_norm']:.3f}; energy in the top 5% / 10% / 20% / 50% of "
+            f"singular pairs: {top['0.05']:.2f} / {top['0.1']:.2f} / {top['0.2']:.2f} / {top['0.5']:.2f}.\n"
+        )
+        out.append("| | " + " | ".join(f"CR {r}" for r in ratios) + " |")
+        out.append("|---|" + "---|" * len(ratios))
+        keys = list(d["relative_error"][str(ratios[0])])
+        for key in keys:
+            cells = [f"{d['relative_error'][str(r)][key]:.3g}" for r in ratios]
+            out.append(f"| rel. error {key} | " + " | ".join(cells) + " |")
+        for key in ("impart_b0.8_C1", "impart_b0.6_C0.5"):
+            if key in d["impart_min_keep_prob"]:
+                cells = [
+                    f"{d['impart_min_keep_prob'][key][str(r)]:.4f} / {100 * d['impart_pairs_below_0.1'][key][str(r)]:.0f}%"
+                    for r in ratios
+                ]
+                out.append(f"| {key}: min q_k / kept pairs with q_k < 0.1 | " + " | ".join(cells) + " |")
+        out.append("")
     unavailable = {k: v["unavailable"] for k, v in q["meta"]["methods"].items() if v["unavailable"]}
     if unavailable:
         out.append("Not run: " + "; ".join(f"`{k}`: {v}" for k, v in unavailable.items()) + ".\n")

@@ -29,7 +29,7 @@ TINY = replace(
     seq_len=64,
     finetune_steps={"add": 1, "extract": 6},
     finetune_batch=16,
-    finetune_lr=1e-2,
+    finetune_lr={"add": 1e-2, "extract": 1e-2},
     n_val=8,
     n_test=24,
     n_heldout=4,
@@ -64,9 +64,9 @@ def test_splits_are_disjoint_and_answers_are_exact():
     for prompt, answer in splits["test"]:
         a, b = (int(x) for x in prompt.rstrip("=").split("+"))
         assert int(answer[::-1]) == a + b
-    ids, mask = P.example_batch([("12+34=", "6400")])
-    # the 4 positions that predict the answer are those of "=" and the first 3 answer chars
-    assert P.decode(ids[0][mask[0]].tolist()) == "=640"
+    ids, mask = P.example_batch([("12+34=", "640")])
+    # the 3 positions that predict the answer are those of "=" and the first 2 answer chars
+    assert P.decode(ids[0][mask[0]].tolist()) == "=64"
 
 
 def test_lossless_impart_is_the_finetune_and_compression_costs_kl(tiny_pair):
