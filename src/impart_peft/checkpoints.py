@@ -38,6 +38,7 @@ from .compressor import ModulePlan, compress_module, plan_modules
 from .config import ImPartConfig
 from .delta import CompressedDelta
 from .fingerprint import check_fingerprint
+from .quantization import QuantizedDelta
 
 __all__ = [
     "ADAPTER_PREFIX",
@@ -743,7 +744,17 @@ def _module_deltas(
 ) -> dict[str, torch.Tensor]:
     """Dense deltas of one module's parameters, computed as ImPartLayer.merge computes them."""
     deltas: dict[str, torch.Tensor] = {}
-    if meta["kind"] in ("linear", "conv1d", "embedding") and int(meta.get("rank", 0)) > 0:
+    if meta["kind"] in ("linear", "conv1d", "embedding") and int(meta.get("rank", 0)) > 0 and "quantized" in meta:
+        quantized = QuantizedDelta.from_state_dict(
+            {k.removeprefix("impart_"): v for k, v in tensors.items() if not k.startswith("impart_delta_")},
+            shape=tuple(meta["shape"]),
+            quantized_meta=meta["quantized"],
+            seed=seed,
+            name=name,
+        )
+        u, sigma, v = quantized.factors(torch.float32, device)
+        deltas["weight"] = (u * sigma) @ v.t()  # the product ImPartLayer.get_delta_weight forms
+    elif meta["kind"] in ("linear", "conv1d", "embedding") and int(meta.get("rank", 0)) > 0:
         compressed = CompressedDelta.from_state_dict(
             {k.removeprefix("impart_"): v for k, v in tensors.items() if not k.startswith("impart_delta_")},
             shape=tuple(meta["shape"]),
@@ -943,10 +954,14 @@ class ModuleSummary:
     dense_bytes: int  # the dense deltas this module replaces, in the fine-tune's dtype
     stored_bytes: int  # bytes of this module's tensors in the file
     tied_to: str | None = None
+    factor_bits: int | None = None  # ImPart-QT only: bits of the packed codes and their scales
 
     @property
     def nominal_ratio(self) -> float | None:
-        """Dense matrix values / kept factor values: the quantity ``compression_ratio`` sets (``None`` if no matrix)."""
+        """Dense matrix values / kept factor values: the quantity ``compression_ratio`` sets (``None`` if no matrix).
+        For ImPart-QT, in bits: dense matrix bits in the fine-tune's dtype / bits of the codes and scales."""
+        if self.factor_bits:
+            return self.matrix_values * _itemsize(getattr(torch, self.dtype)) * 8 / self.factor_bits
         return self.matrix_values / self.factor_values if self.factor_values else None
 
     @property
@@ -983,7 +998,13 @@ class AdapterSummary:
 
     @property
     def nominal_ratio(self) -> float | None:
-        """Dense matrix values / kept factor values over every compressed matrix."""
+        """Dense matrix values / kept factor values over every compressed matrix (in bits for ImPart-QT)."""
+        if any(m.factor_bits for m in self.modules):
+            dense = sum(m.matrix_values * _itemsize(getattr(torch, m.dtype)) * 8 for m in self.modules)
+            stored = sum(
+                m.factor_bits or m.factor_values * _itemsize(getattr(torch, m.dtype)) * 8 for m in self.modules
+            )
+            return dense / stored if stored else None
         return self.matrix_values / self.factor_values if self.factor_values else None
 
     @property
@@ -1008,7 +1029,8 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:
             other[key] = end - start
             continue
         bytes_by_module[module] = bytes_by_module.get(module, 0) + end - start
-        if param != "impart_keep_threshold":  # thresholds encode q_k: bookkeeping, not values
+        # Thresholds encode q_k: bookkeeping, not values; ImPart-QT's codes are counted from u_count / v_count below.
+        if param not in ("impart_keep_threshold", "impart_u_codes", "impart_v_codes", "impart_u_scales", "impart_v_scales"):
             values_by_module[module] = values_by_module.get(module, 0) + math.prod(entry["shape"])
     matrix_dtypes = [m["dtype"] for m in config.module_meta.values() if "dtype" in m]
     default_dtype = max(sorted(set(matrix_dtypes)), key=matrix_dtypes.count) if matrix_dtypes else "float32"
@@ -1025,6 +1047,13 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:
         else:
             shape = tuple(vectors.values())[:1]
         dense_values = matrix_values + sum(vectors.values())
+        quantized = meta.get("quantized")
+        factor_bits = None
+        if quantized is not None:
+            factor_bits = 8 * (quantized["u_bytes"] + quantized["v_bytes"]) + 16 * (
+                quantized["u_groups"] + quantized["v_groups"]
+            )
+            values_by_module[name] = values_by_module.get(name, 0) + meta["u_count"] + meta["v_count"]
         summary.modules.append(
             ModuleSummary(
                 name=name,
@@ -1039,6 +1068,7 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:
                 dense_bytes=dense_values * _itemsize(getattr(torch, dtype)),
                 stored_bytes=bytes_by_module.get(name, 0),
                 tied_to=meta.get("tied_to"),
+                factor_bits=factor_bits,
             )
         )
     return summary
@@ -1070,7 +1100,9 @@ class EvalResult:
     """What ``impart eval`` measures on one text, in nats; ``kl_*`` are mean per-token KL(fine-tune || model)."""
 
     tokens: int
-    tokenizer: str  # where the token ids came from
+    tokenizer: (
+        str  # where the token ids came from: "base tokenizer", "fine-tune tokenizer" or "UTF-8 bytes: ..."
+    )
     kl_adapter: float
     kl_base: float
     perplexity_finetuned: float
@@ -1094,11 +1126,13 @@ def _token_ids(
 
             tokenizer = AutoTokenizer.from_pretrained(folder)
             ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
-            return ids, f"the {role}'s tokenizer"
+            return ids, f"{role} tokenizer"
     # No tokenizer anywhere (e.g. a model built from a config for tests): UTF-8 bytes as ids, folded into the
     # vocabulary. Meaningless as language, but the same ids go to every model, so the KL still compares them.
     data = list(text.encode("utf-8"))[:max_tokens]
-    return torch.tensor([[b % vocab_size for b in data]]), "UTF-8 bytes (no tokenizer found)"
+    return torch.tensor(
+        [[b % vocab_size for b in data]]
+    ), "UTF-8 bytes: no tokenizer in the base or the fine-tune"
 
 
 def _next_token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,11 @@ def _ratio(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'none' for lossless)") from None
     try:
         check_compression_ratio(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be > 1, got {text}: the ratio is dense delta values / stored values (e.g. 16 for a 16x smaller "
+            "delta; 'none' keeps every factor element)"
+        ) from None
     return value
 
 
@@ -308,7 +311,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
-    print(f"{result.tokens} tokens ({result.tokenizer}); KL(fine-tune || model) in nats per token")
+    print(
+        f"{result.tokens} tokens, ids from the {result.tokenizer}; KL(fine-tune || model) in nats per token"
+    )
     print()
     _print_table(
         [
@@ -347,7 +352,8 @@ def _print_table(rows: list[tuple[str, ...]], right: set[int], total: bool = Fal
         if total and n == len(rows) - 1:
             print(rule)
         cells = [
-            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ]
         print("  ".join(cells).rstrip())
         if n == 0:
@@ -559,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         if not debug:
             warnings.showwarning = _show_warning
+            # Libraries' deprecation notices are for developers, not for someone running a command.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             return args.func(args)
         except KeyboardInterrupt:
