@@ -6,6 +6,7 @@ transformers' ``model.load_adapter`` read ImPart adapters like any other.
 
 from .allocation import Allocation, allocate_keep_prob, target_keep_fraction
 from .baselines import dare_delta, lowrank_delta, magnitude_delta
+from .checkpoints import apply_adapter, compress_checkpoints
 from .compressor import from_finetuned
 from .config import ImPartConfig
 from .delta import CompressedDelta, compress_delta
@@ -30,6 +31,8 @@ __all__ = [
     "ImPartVector",
     "__version__",
     "allocate_keep_prob",
+    "apply_adapter",
+    "compress_checkpoints",
     "compress_delta",
     "dare_delta",
     "download_adapter",
