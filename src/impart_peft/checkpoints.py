@@ -6,7 +6,7 @@ not fit in memory: it plans the modules from the architecture alone (the model i
 lazy ``safe_open``, compresses it with the same :func:`~impart_peft.compressor.compress_module`, and spills the
 result to disk at once. Peak memory is a few tensors (the largest matrix, its SVD and workspace), whatever the
 number of layers. The adapter written has the same ``adapter_model.safetensors`` bytes as ``from_finetuned`` +
-``save_pretrained(save_embedding_layers=False)`` for the same inputs, config and device.
+``save_pretrained`` for the same inputs, config and device.
 
 :func:`apply_adapter` is the reverse, ``merge_and_unload`` + ``save_pretrained`` streamed one tensor at a time: it
 writes base + adapter as a standard transformers checkpoint. :func:`inspect_adapter` and :func:`evaluate_adapter`
@@ -615,7 +615,7 @@ def compress_checkpoints(
 
     Returns:
         The output folder. Its ``adapter_model.safetensors`` has the bytes ``from_finetuned(base, finetuned,
-        config).save_pretrained(..., save_embedding_layers=False)`` writes for the same inputs on the same device.
+        config).save_pretrained(...)`` writes for the same inputs on the same device.
 
     Memory: one (base, fine-tune) tensor pair and its SVD at a time; compressed tensors go to a scratch file at
     once, so the peak does not grow with the number of layers.
@@ -677,7 +677,9 @@ def compress_checkpoints(
         config.base_model_name_or_path = os.fspath(base)
         config.finetuned_model_name_or_path = os.fspath(finetuned)
         config.inference_mode = True
-        config.target_modules = sorted(module_meta)
+        # As ImPartModel leaves it after injection: module_meta lists the targets. (A list naming the embeddings
+        # would make PeftModel.save_pretrained store the base's embedding matrices if this adapter is re-saved.)
+        config.target_modules = None
         model_cls = type(meta_model)
         # What PeftModel.save_pretrained records for a model without a task type.
         config.save_pretrained(
@@ -744,7 +746,11 @@ def _module_deltas(
 ) -> dict[str, torch.Tensor]:
     """Dense deltas of one module's parameters, computed as ImPartLayer.merge computes them."""
     deltas: dict[str, torch.Tensor] = {}
-    if meta["kind"] in ("linear", "conv1d", "embedding") and int(meta.get("rank", 0)) > 0 and "quantized" in meta:
+    if (
+        meta["kind"] in ("linear", "conv1d", "embedding")
+        and int(meta.get("rank", 0)) > 0
+        and "quantized" in meta
+    ):
         quantized = QuantizedDelta.from_state_dict(
             {k.removeprefix("impart_"): v for k, v in tensors.items() if not k.startswith("impart_delta_")},
             shape=tuple(meta["shape"]),
@@ -1002,7 +1008,8 @@ class AdapterSummary:
         if any(m.factor_bits for m in self.modules):
             dense = sum(m.matrix_values * _itemsize(getattr(torch, m.dtype)) * 8 for m in self.modules)
             stored = sum(
-                m.factor_bits or m.factor_values * _itemsize(getattr(torch, m.dtype)) * 8 for m in self.modules
+                m.factor_bits or m.factor_values * _itemsize(getattr(torch, m.dtype)) * 8
+                for m in self.modules
             )
             return dense / stored if stored else None
         return self.matrix_values / self.factor_values if self.factor_values else None
@@ -1030,7 +1037,13 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:
             continue
         bytes_by_module[module] = bytes_by_module.get(module, 0) + end - start
         # Thresholds encode q_k: bookkeeping, not values; ImPart-QT's codes are counted from u_count / v_count below.
-        if param not in ("impart_keep_threshold", "impart_u_codes", "impart_v_codes", "impart_u_scales", "impart_v_scales"):
+        if param not in (
+            "impart_keep_threshold",
+            "impart_u_codes",
+            "impart_v_codes",
+            "impart_u_scales",
+            "impart_v_scales",
+        ):
             values_by_module[module] = values_by_module.get(module, 0) + math.prod(entry["shape"])
     matrix_dtypes = [m["dtype"] for m in config.module_meta.values() if "dtype" in m]
     default_dtype = max(sorted(set(matrix_dtypes)), key=matrix_dtypes.count) if matrix_dtypes else "float32"

@@ -238,7 +238,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(
             f"note: the file also holds {len(summary.other_tensors)} tensor(s) that are not ImPart deltas "
             f"({_size(sum(summary.other_tensors.values()))}, e.g. {next(iter(summary.other_tensors))}); "
-            "PeftModel.save_pretrained adds the base's embeddings unless save_embedding_layers=False"
+            "an ImPart adapter does not need them (base weights saved with the adapter?)"
         )
     return 0
 
