@@ -20,7 +20,10 @@ _ATOL = 1e-6
 def weight_fingerprint(weight: torch.Tensor) -> list[float]:
     """``FINGERPRINT_SAMPLES`` elements of ``weight`` at evenly spaced flat positions, as floats."""
     flat = weight.detach().reshape(-1)
-    positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).round().long().to(flat.device)
+    positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).round().long()
+    # float32 linspace rounds the last position up past the end for tensors over 2**24 elements (a 32000 x 4096
+    # embedding); clamping keeps every other position, hence every fingerprint already saved, unchanged.
+    positions = positions.clamp_(max=flat.numel() - 1).to(flat.device)
     return [float(x) for x in flat[positions].float().cpu()]
 
 
