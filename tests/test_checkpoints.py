@@ -352,3 +352,29 @@ def test_eval_measures_the_gap(llama, tmp_path):
         exact.kl_adapter < 1e-2 * exact.kl_base
     )  # ...and the lossless adapter (bf16 factors) brings it back
     assert exact.kl_adapter < rough.kl_adapter
+
+
+def test_fingerprint_of_an_embedding_with_more_than_2_24_elements():
+    # A 7B Llama's 32000 x 4096 embedding: float32 positions once ran past its end (found by benchmarks/memory.py).
+    from impart_peft.fingerprint import weight_fingerprint
+
+    weight = torch.zeros(32000, 4096, dtype=torch.uint8)
+    weight[-1, -1] = 7
+    assert weight_fingerprint(weight)[-1] == 7.0
+
+
+def test_checkpoint_keys_without_the_base_model_prefix(tmp_path):
+    # Old GPT-2 checkpoints store "h.0.attn.c_attn.weight" where the model has "transformer.h.0.attn.c_attn.weight".
+    base = tiny_model("gpt2", True)
+    finetuned = finetune(tiny_model("gpt2", True))
+    for name, model in (("base", base), ("ft", finetuned)):
+        model.save_pretrained(tmp_path / name)
+        state = load_file(tmp_path / name / "model.safetensors")
+        legacy = {k.removeprefix("transformer."): v.contiguous() for k, v in state.items()}
+        save_file(legacy, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    assert "h.0.attn.c_attn.weight" in Checkpoint(tmp_path / "base").tensors
+    compress_checkpoints(tmp_path / "base", tmp_path / "ft", tmp_path / "adapter", progress=False)
+    apply_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    merged = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter").merge_and_unload()
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "merged")(sample_ids()).logits, merged(sample_ids()).logits)
