@@ -27,14 +27,14 @@ VOCAB = 96
 SHARD = "12KB"  # several shards even for these tiny models
 
 
-def tiny_model(arch: str, tie: bool, width: int = 32, vocab: int = VOCAB, seed: int = 0):
+def tiny_model(arch: str, tie: bool, width: int = 32, vocab: int = VOCAB, seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab,
             hidden_size=width,
             intermediate_size=2 * width,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
@@ -278,10 +278,14 @@ def test_fine_tune_with_added_tokens_is_refused(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("other", ["gpt2", "wider-llama"])
+@pytest.mark.parametrize("other", ["gpt2", "wider-llama", "deeper-llama"])
 def test_mismatched_pair_is_refused(llama, tmp_path, other):
     _, base_dir, _ = llama
-    model = tiny_model("gpt2", False) if other == "gpt2" else tiny_model("llama", False, width=48)
+    model = {
+        "gpt2": lambda: tiny_model("gpt2", False),
+        "wider-llama": lambda: tiny_model("llama", False, width=48),
+        "deeper-llama": lambda: tiny_model("llama", False, layers=3),
+    }[other]()
     model.save_pretrained(tmp_path / other)
     with pytest.raises(ValueError, match="not the same architecture"):
         compress_checkpoints(base_dir, tmp_path / other, tmp_path / "out", progress=False)

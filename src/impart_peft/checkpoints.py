@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from .compressor import ModulePlan, compress_module, plan_modules
+from .compressor import ModulePlan, _check_same_architecture, compress_module, plan_modules
 from .config import ImPartConfig
 from .delta import CompressedDelta
 from .fingerprint import check_fingerprint
@@ -541,6 +541,9 @@ def _plan_checkpoint_pair(
             f"Resize the base's embeddings to {ft_rows[1]} rows (model.resize_token_embeddings), save that base, "
             "compress against it, and publish it with the adapter."
         )
+
+    # Every parameter and buffer of the two architectures, by name and shape (one layer more, a value head...).
+    _check_same_architecture(base_model, ft_model)
 
     plans = plan_modules(base_model, config)
     ft_tied = {n for n, p in plan_modules(ft_model, config).items() if p.kind == "tied"}
