@@ -500,3 +500,36 @@ def test_other_bad_deltas():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         compress_delta(random_delta(12, 10), **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_cuda_compression_loads_on_the_cpu(method):
+    delta = random_delta(96, 64, seed=4)
+    on_gpu = compress_delta(delta.cuda(), 8.0, 0.7, 1.0, seed=2, name="g", svd_method=method)
+    assert on_gpu.u_values.device.type == "cuda"
+    tensors = {k: v.cpu() for k, v in on_gpu.state_dict().items()}
+    on_cpu = CompressedDelta.from_state_dict(tensors, (96, 64), 2, "g", check_counts=True)
+    mask_u, mask_v = on_gpu.masks()
+    assert torch.equal(mask_u.cpu(), on_cpu.masks()[0]) and torch.equal(mask_v.cpu(), on_cpu.masks()[1])
+    assert torch.allclose(on_gpu.reconstruct().cpu(), on_cpu.reconstruct(), atol=1e-5)
+    assert torch.allclose(on_cpu.reconstruct(device="cuda").cpu(), on_cpu.reconstruct(), atol=1e-5)
+
+
+def test_gram_route_keeps_an_optimal_subspace_when_the_boundary_is_crowded():
+    # A Gaussian bulk: neighbouring sigma at the boundary differ by a fraction of a percent, so which
+    # directions straddle it is ill-conditioned for any float32 solver (the Gram matrix squares the
+    # conditioning). What must hold is that the kept subspace captures the energy of the best one.
+    generator = torch.Generator().manual_seed(6)
+    low = torch.randn(200, 8, generator=generator) @ torch.randn(8, 150, generator=generator) / 30
+    delta = low + 0.05 * torch.randn(200, 150, generator=generator)
+    k = pairs_needed((200, 150), 16.0, 0.8)
+    exact_u, exact_s, exact_v = svd_top(delta.to(F64), k, F64, "svd")
+    u, s, v = svd_top(delta, k, torch.float32, "gram")
+    best = float((delta.to(F64) - (exact_u * exact_s[:k]) @ exact_v.t()).norm())
+    ours = float((delta.to(F64) - (u.to(F64) * s[:k].to(F64)) @ v.to(F64).t()).norm())
+    assert (ours - best) / best < 1e-6
+    assert float(((s[:k].to(F64) - exact_s[:k]) / exact_s[:k]).abs().max()) < 1e-4
+    assert float((s[k:].to(F64) - exact_s[k:]).abs().max()) < 1e-2 * float(
+        exact_s[0]
+    )  # the tail: only roughly

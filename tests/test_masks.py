@@ -302,3 +302,17 @@ def test_masks_of_a_4096_square_matrix_are_fast():
     finally:
         torch.set_num_threads(threads)
     assert best < 1.0, f"both factors' masks took {best:.2f} s on one thread"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_masks_equal_cpu_masks_bit_for_bit():
+    threshold = keep_threshold_from_prob(torch.tensor([1.0, 0.7, 0.5, 0.3, 0.0]))
+    assert keep_mask(3, "layer", FACTOR_U, threshold.cuda(), 16).t().int().tolist() == GOLDEN_MASK_COLUMNS
+    block = element_hash(3, "layer", FACTOR_V, torch.tensor([0, 2, 9]), 5, device="cuda")
+    assert block.device.type == "cuda" and block.cpu().tolist() == GOLDEN_BLOCK
+    threshold = keep_threshold_from_prob(torch.rand(700, generator=torch.Generator().manual_seed(0)))
+    threshold[::7] = THRESHOLD_ONE
+    for factor, rows in ((FACTOR_U, 4096), (FACTOR_V, 3000)):
+        cpu = keep_mask(21, "model.layers.7.mlp.up_proj", factor, threshold, rows)
+        gpu = keep_mask(21, "model.layers.7.mlp.up_proj", factor, threshold.cuda(), rows)
+        assert torch.equal(gpu.cpu(), cpu)
