@@ -54,9 +54,18 @@ def expected_adapter_tensors(module_meta: dict[str, dict[str, Any]]) -> dict[str
         prefix = f"base_model.model.{name}."
         rank = int(meta.get("rank", 0))
         if meta.get("kind") in ("linear", "conv1d", "embedding") and rank > 0:
-            value_dtype = _DTYPE_NAMES.get(meta.get("dtype", "float32"), meta.get("dtype"))
-            expected[prefix + "impart_u_values"] = (value_dtype, [int(meta["u_count"])])
-            expected[prefix + "impart_v_values"] = (value_dtype, [int(meta["v_count"])])
+            quantized = meta.get("quantized")
+            if quantized is not None:  # ImPart-QT: packed uint8 codes and float16 scales instead of values
+                for factor in ("u", "v"):
+                    expected[prefix + f"impart_{factor}_codes"] = ("U8", [int(quantized[f"{factor}_bytes"])])
+                    expected[prefix + f"impart_{factor}_scales"] = (
+                        "F16",
+                        [int(quantized[f"{factor}_groups"])],
+                    )
+            else:
+                value_dtype = _DTYPE_NAMES.get(meta.get("dtype", "float32"), meta.get("dtype"))
+                expected[prefix + "impart_u_values"] = (value_dtype, [int(meta["u_count"])])
+                expected[prefix + "impart_v_values"] = (value_dtype, [int(meta["v_count"])])
             expected[prefix + "impart_singular_values"] = ("F32", [rank])
             expected[prefix + "impart_keep_threshold"] = ("I64", [rank])
         vector_dtype = _DTYPE_NAMES.get(meta.get("vector_dtype", "float32"))

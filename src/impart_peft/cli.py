@@ -1,7 +1,7 @@
 """The ``impart`` command line: compress, inspect, apply and evaluate ImPart adapters.
 
     impart compress BASE FINETUNED OUTPUT [--ratio 16] [--pre-prune 0.8] [--exponent 1.0] [--seed 0] [--device cuda]
-                    [--push-to-hub ORG/NAME]
+                    [--bits 8,4,3,2 [--bit-fractions F,F,F,F] [--group-size 128]] [--push-to-hub ORG/NAME]
     impart inspect ADAPTER
     impart apply BASE ADAPTER OUTPUT
     impart eval BASE FINETUNED ADAPTER [--text FILE]
@@ -100,6 +100,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 8,4,3,2"
+        ) from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _quantization(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ImPartConfig.quantization asked for by --bits / --bit-fractions / --group-size (None without --bits)."""
+    if args.bits is None:
+        if args.bit_fractions is not None or args.group_size is not None:
+            raise ValueError(
+                "--bit-fractions and --group-size quantise the factors: they need --bits (e.g. --bits 8,4,3,2)"
+            )
+        return None
+    scheme: dict[str, Any] = {"bits": args.bits}
+    if args.bit_fractions is not None:
+        scheme["fractions"] = args.bit_fractions
+    if args.group_size is not None:
+        scheme["group_size"] = args.group_size
+    return scheme
+
+
 def _repo_id(text: str) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -124,6 +156,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         svd_dtype=args.svd_dtype,
         include_embeddings=not args.no_embeddings,
+        quantization=_quantization(args),
     )
     output = compress_checkpoints(
         args.base,
@@ -194,6 +227,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(
         f"settings:   ratio {ratio}, pre-prune {config.pre_prune_ratio:g}, exponent {config.importance_exponent:g}, "
         f"seed {config.seed}, svd {config.svd_dtype}"
+        + (
+            f", bits {'/'.join(str(b) for b in config.quantization['bits'])} (group {config.quantization['group_size']})"
+            if config.quantization
+            else ""
+        )
     )
     print()
     rows = [("module", "kind", "shape", "dtype", "pairs", "stored values", "nominal CR", "disk CR")]
@@ -232,7 +270,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print()
     print(
         f"{ADAPTER_FILE}: {_size(summary.file_bytes)}; the dense deltas it replaces: {_size(summary.dense_bytes)} "
-        f"({_fmt_ratio(summary.disk_ratio)} on disk; nominal CR = dense matrix values / kept factor values)"
+        f"({_fmt_ratio(summary.disk_ratio)} on disk; nominal CR = dense matrix values / kept factor values"
+        + (", in bits: codes and scales against the fine-tune's dtype)" if config.quantization else ")")
     )
     if summary.other_tensors:
         print(
@@ -439,6 +478,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-embeddings",
         action="store_true",
         help="leave the input embeddings and the output head out (they stay the base's)",
+    )
+    compress.add_argument(
+        "--bits",
+        type=_int_list,
+        default=None,
+        metavar="B,B,...",
+        help="ImPart-QT: store the kept factor values as integers of these widths (1 to 8), the pairs with the "
+        "largest singular values first, e.g. 8,4,3,2; --ratio then counts bits (see docs/quantization.md)",
+    )
+    compress.add_argument(
+        "--bit-fractions",
+        type=_float_list,
+        default=None,
+        metavar="F,F,...",
+        help="with --bits: share of the stored pairs at each width, summing to 1 (default: each tier twice the "
+        "one above, 1/15,2/15,4/15,8/15 for four widths)",
+    )
+    compress.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="with --bits: values of one column sharing a float16 scale (default: 128)",
     )
     device_option(compress, "run the SVDs (cuda is much faster; the bytes written depend on the device)")
     compress.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import ImPartConfig
 from .delta import compress_delta
 from .fingerprint import weight_fingerprint
+from .quantization import compress_delta_quantized
 
 __all__ = ["ModulePlan", "compress_module", "from_finetuned", "plan_modules", "vector_delta_dtype"]
 
@@ -134,7 +135,26 @@ def compress_module(
         delta = ft_weight.to(work_device, torch.float32) - base_weight.to(work_device, torch.float32)
         meta["shape"] = list(delta.shape)
         meta["dtype"] = str(ft_weight.dtype).removeprefix("torch.")
-        if bool(delta.any()):
+        if bool(delta.any()) and config.quantization is not None:
+            # ImPart-QT: the same masks, the values as packed integer codes, the ratio counted in bits.
+            compressed = compress_delta_quantized(
+                delta,
+                compression_ratio=config.compression_ratio,
+                quantization=config.quantization,
+                pre_prune_ratio=config.pre_prune_ratio,
+                importance_exponent=config.importance_exponent,
+                seed=config.seed,
+                name=plan.name,
+                svd_dtype=getattr(torch, config.svd_dtype),
+                reference_dtype=ft_weight.dtype,
+            )
+            meta["rank"] = compressed.rank
+            meta["u_count"] = compressed.u_count
+            meta["v_count"] = compressed.v_count
+            meta["quantized"] = compressed.meta()
+            for key, tensor in compressed.state_dict().items():
+                tensors[f"impart_{key}"] = tensor.cpu()
+        elif bool(delta.any()):
             compressed = compress_delta(
                 delta,
                 compression_ratio=config.compression_ratio,

@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 
 from .adapter_io import validate_adapter_folder
 from .allocation import check_compression_ratio, check_importance_exponent, check_pre_prune_ratio
+from .quantization import QuantizationScheme
 from .registration import IMPART_PEFT_TYPE
 
 __all__ = ["ImPartConfig"]
@@ -36,6 +37,11 @@ class ImPartConfig(PeftConfig):
         svd_dtype: ``"float32"`` (default) or ``"float64"``: the precision of the SVD.
         base_check: what to do when the base model does not match ``base_fingerprint`` at load time: ``"error"``
             (default), ``"warn"`` or ``"ignore"``. The environment variable ``IMPART_BASE_CHECK`` overrides it.
+        quantization: ``None`` (default: values stored in the fine-tune's dtype) or ImPart-QT's scheme, e.g.
+            ``{"bits": [8, 4, 3, 2], "fractions": [...], "group_size": 128}`` (see
+            :class:`~impart_peft.quantization.QuantizationScheme` and docs/quantization.md): the kept factor values
+            are stored as packed integers, more bits for the pairs with larger singular values, and
+            ``compression_ratio`` counts bits (dense delta bits in the fine-tune's dtype / bits of codes and scales).
 
     Filled in by the compressor (not by hand):
 
@@ -49,7 +55,9 @@ class ImPartConfig(PeftConfig):
                  "u_count": int, "v_count": int,  # stored factor values
                  "dtype": "bfloat16",    # dtype of the stored values (and of the fine-tune)
                  "vectors": {"bias": n}, # 1-D parameters stored densely, with their length
-                 "tied_to": "model.embed_tokens"}  # "tied" only: the module whose delta this one shares
+                 "tied_to": "model.embed_tokens",  # "tied" only: the module whose delta this one shares
+                 "quantized": {"bits": [[8, 1], [2, 5]], "group_size": 128,  # ImPart-QT only: bits per pair
+                               "u_bytes": int, "v_bytes": int, "u_groups": int, "v_groups": int}}
         base_fingerprint: per module name, a few sampled base weights (the base check).
         finetuned_model_name_or_path: where the fine-tune came from (for the model card).
     """
@@ -65,6 +73,7 @@ class ImPartConfig(PeftConfig):
     base_check: Literal["error", "warn", "ignore"] = field(
         default="error", metadata={"help": "base mismatch"}
     )
+    quantization: dict[str, Any] | None = field(default=None, metadata={"help": "ImPart-QT bit schedule"})
     module_meta: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"help": "per-module shapes"}
     )
@@ -83,6 +92,8 @@ class ImPartConfig(PeftConfig):
             raise ValueError(f"svd_dtype must be 'float32' or 'float64', got {self.svd_dtype!r}")
         if self.base_check not in ("error", "warn", "ignore"):
             raise ValueError(f"base_check must be 'error', 'warn' or 'ignore', got {self.base_check!r}")
+        scheme = QuantizationScheme.parse(self.quantization)
+        self.quantization = scheme.to_dict() if scheme is not None else None
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(self.target_modules)
 

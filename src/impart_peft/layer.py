@@ -7,6 +7,10 @@ parameters, created with their final shapes from ``config.module_meta`` at injec
 * ``impart_singular_values[adapter]`` float32 ``(r,)``, ``impart_keep_threshold[adapter]`` int64 ``(r,)``,
 * ``impart_delta_weight[adapter]`` / ``impart_delta_bias[adapter]``: dense deltas of 1-D parameters.
 
+An ImPart-QT adapter (``meta["quantized"]``) holds, instead of the two value vectors, the packed uint8 codes
+``impart_u_codes`` / ``impart_v_codes`` and the float16 scales ``impart_u_scales`` / ``impart_v_scales`` (buffers),
+decoded on the layer's device when the factors are rebuilt (:mod:`impart_peft.quantization`).
+
 The sparse factors ``Ũ (m, r)``, ``σ (r,)``, ``Ṽ (n, r)`` are rebuilt from the seed on first use and cached per
 device and dtype (the cache is keyed on the parameters' identity and version, so loading new weights invalidates
 it). The unmerged forward adds the low-rank product without materialising ``ΔW``; merged, the layer costs nothing.
@@ -25,10 +29,28 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .delta import CompressedDelta
+from .quantization import QuantizedDelta
 
 __all__ = ["ImPartEmbedding", "ImPartLayer", "ImPartLinear", "ImPartVector"]
 
 _FACTOR_PARAMS = ("impart_u_values", "impart_v_values", "impart_singular_values", "impart_keep_threshold")
+_QUANTIZED_PARAMS = (
+    "impart_u_codes",
+    "impart_v_codes",
+    "impart_u_scales",
+    "impart_v_scales",
+    "impart_singular_values",
+    "impart_keep_threshold",
+)
+# Integer (and ImPart-QT) tensors kept in BufferDicts: PEFT toggles requires_grad on everything in
+# adapter_layer_names, which integer tensors do not allow.
+IMPART_BUFFER_NAMES = (
+    "impart_keep_threshold",
+    "impart_u_codes",
+    "impart_v_codes",
+    "impart_u_scales",
+    "impart_v_scales",
+)
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -46,14 +68,15 @@ class ImPartLayer(BaseTunerLayer):
         "impart_delta_bias",
     )
     # The int64 thresholds live in a BufferDict: PEFT toggles requires_grad on everything in adapter_layer_names.
-    other_param_names = ("impart_keep_threshold", "impart_meta", "impart_seed", "impart_module_name")
+    other_param_names = (*IMPART_BUFFER_NAMES, "impart_meta", "impart_seed", "impart_module_name")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}))
         # Integer thresholds cannot be Parameters (PEFT toggles requires_grad on adapter parameters).
-        self.impart_keep_threshold = BufferDict({}, persistent=True)
+        for name in IMPART_BUFFER_NAMES:
+            setattr(self, name, BufferDict({}, persistent=True))
         self.impart_meta: dict[str, dict[str, Any]] = {}
         self.impart_seed: dict[str, int] = {}
         self.impart_module_name: dict[str, str] = {}
@@ -78,12 +101,22 @@ class ImPartLayer(BaseTunerLayer):
                     f"ImPart adapter for {module_name!r} was made for a weight of shape {tuple(meta['shape'])}, but "
                     f"this model's weight has shape {weight_shape}: load it on the base model it was compressed from"
                 )
-            self.impart_u_values[adapter_name] = _frozen(
-                torch.zeros(meta["u_count"], dtype=dtype, device=device)
-            )
-            self.impart_v_values[adapter_name] = _frozen(
-                torch.zeros(meta["v_count"], dtype=dtype, device=device)
-            )
+            quantized = meta.get("quantized")
+            if quantized is not None:
+                for factor in ("u", "v"):
+                    getattr(self, f"impart_{factor}_codes")[adapter_name] = torch.zeros(
+                        int(quantized[f"{factor}_bytes"]), dtype=torch.uint8, device=device
+                    )
+                    getattr(self, f"impart_{factor}_scales")[adapter_name] = torch.zeros(
+                        int(quantized[f"{factor}_groups"]), dtype=torch.float16, device=device
+                    )
+            else:
+                self.impart_u_values[adapter_name] = _frozen(
+                    torch.zeros(meta["u_count"], dtype=dtype, device=device)
+                )
+                self.impart_v_values[adapter_name] = _frozen(
+                    torch.zeros(meta["v_count"], dtype=dtype, device=device)
+                )
             self.impart_singular_values[adapter_name] = _frozen(torch.zeros(rank, device=device))
             self.impart_keep_threshold[adapter_name] = torch.zeros(rank, dtype=torch.int64, device=device)
         for param_name, length in meta.get("vectors", {}).items():
@@ -119,7 +152,7 @@ class ImPartLayer(BaseTunerLayer):
         # Unlike PEFT's default, never cast: the stored values keep their dtype (sigma stays float32), so the
         # rebuilt delta is the same whatever dtype the base model was loaded in.
         target = device if device is not None else self._base_device()
-        for name in (*self.adapter_layer_names, "impart_keep_threshold"):
+        for name in (*self.adapter_layer_names, *IMPART_BUFFER_NAMES):
             store = getattr(self, name)
             if adapter_name in store and store[adapter_name].device != target:
                 if store[adapter_name].device.type == "meta":
@@ -134,12 +167,27 @@ class ImPartLayer(BaseTunerLayer):
     def _factor_source(self, adapter: str) -> ImPartLayer:
         return self
 
-    def compressed_delta(self, adapter: str) -> CompressedDelta | None:
-        """The adapter's :class:`CompressedDelta` (views of the parameters), or ``None`` if it has no matrix."""
+    def _has_matrix(self, adapter: str) -> bool:
+        return adapter in self.impart_u_values or adapter in self.impart_u_codes
+
+    def compressed_delta(self, adapter: str) -> CompressedDelta | QuantizedDelta | None:
+        """The adapter's :class:`CompressedDelta` (views of the parameters), or ``None`` if it has no matrix.
+
+        For an ImPart-QT adapter, a :class:`~impart_peft.quantization.QuantizedDelta` (same ``factors`` and
+        ``reconstruct``; ``.dequantized()`` gives the :class:`CompressedDelta`).
+        """
         source = self._factor_source(adapter)
-        if adapter not in source.impart_u_values:
+        if not source._has_matrix(adapter):
             return None
         meta = source.impart_meta[adapter]
+        if adapter in source.impart_u_codes:
+            return QuantizedDelta.from_state_dict(
+                {name.removeprefix("impart_"): getattr(source, name)[adapter] for name in _QUANTIZED_PARAMS},
+                shape=tuple(meta["shape"]),
+                quantized_meta=meta["quantized"],
+                seed=source.impart_seed[adapter],
+                name=source.impart_module_name[adapter],
+            )
         return CompressedDelta(
             shape=tuple(meta["shape"]),
             singular_values=source.impart_singular_values[adapter].data,
@@ -153,9 +201,10 @@ class ImPartLayer(BaseTunerLayer):
     def _factors(self, adapter: str, device: torch.device, dtype: torch.dtype):
         """Cached ``(U_tilde (m, r), sigma (r,), V_tilde (n, r))`` in ``dtype`` on ``device``, or ``None``."""
         source = self._factor_source(adapter)
-        if adapter not in source.impart_u_values:
+        if not source._has_matrix(adapter):
             return None
-        params = [getattr(source, name)[adapter] for name in _FACTOR_PARAMS]  # 3 parameters and a buffer
+        names = _QUANTIZED_PARAMS if adapter in source.impart_u_codes else _FACTOR_PARAMS
+        params = [getattr(source, name)[adapter] for name in names]  # parameters and buffers
         version = tuple((id(p), p._version, p.data_ptr()) for p in params)
         key = (adapter, device, dtype)
         cached = source._impart_cache.get(key)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ImPartConfig
 from .fingerprint import check_fingerprint
-from .layer import ImPartLayer, layer_class_for
+from .layer import IMPART_BUFFER_NAMES, ImPartLayer, layer_class_for
 
 __all__ = ["ImPartModel"]
 
@@ -125,7 +125,7 @@ class ImPartModel(BaseTuner):
             return
         device = layer._base_device()
         target = device.index if device.type == "cuda" and device.index is not None else str(device)
-        for name in (*layer.adapter_layer_names, "impart_keep_threshold"):
+        for name in (*layer.adapter_layer_names, *IMPART_BUFFER_NAMES):
             device_map[f"{module_name}.{name}"] = target
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
