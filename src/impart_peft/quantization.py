@@ -88,8 +88,9 @@ def _default_fractions(num_tiers: int) -> tuple[float, ...]:
 
 
 def _exact(value: float) -> Fraction:
-    # The decimal the user wrote (0.1 -> 1/10), so that tier boundaries do not depend on binary rounding.
-    return Fraction(repr(float(value)))
+    # The fraction the user meant (0.1 -> 1/10, 0.06666666666666667 -> 1/15), so that tier boundaries such as
+    # ceil(15 * 1/15) = 1 do not depend on binary rounding.
+    return Fraction(repr(float(value))).limit_denominator(10**6)
 
 
 @dataclass(frozen=True)
