@@ -329,3 +329,10 @@ def test_cuda_masks_equal_cpu_masks_bit_for_bit():
         cpu = keep_mask(21, "model.layers.7.mlp.up_proj", factor, threshold, rows)
         gpu = keep_mask(21, "model.layers.7.mlp.up_proj", factor, threshold.cuda(), rows)
         assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_pack_rejects_a_mask_of_another_shape():
+    with pytest.raises(ValueError, match=r"values \(4, 3\) and mask \(4, 2\) must have the same shape"):
+        pack_columns(torch.zeros(4, 3), torch.ones(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="packed factor holds"):
+        unpack_columns(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool))

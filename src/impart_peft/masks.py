@@ -247,17 +247,26 @@ def keep_mask(
 
 def pack_columns(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Kept values of a ``(rows, r)`` factor, column by column (column 0 first, rows in order), as 1-D."""
-    return values.t()[mask.t()]
+    if values.shape != mask.shape:
+        raise ValueError(
+            f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same shape"
+        )
+    # masked_select reads in row-major order of the (r, rows) transposes: column by column of the factor.
+    return torch.masked_select(values.t().contiguous(), mask.t().to(values.device).contiguous())
 
 
 def unpack_columns(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_columns`: a ``(rows, r)`` tensor with zeros where ``mask`` is False."""
+    """Inverse of :func:`pack_columns`: a ``(rows, r)`` tensor with zeros where ``mask`` is False.
+
+    The result is the transpose of a contiguous ``(r, rows)`` tensor (each column of the factor contiguous), a
+    fresh tensor the caller may modify in place.
+    """
     expected = int(mask.sum())
-    if packed.numel() != expected:
+    if packed.dim() != 1 or packed.numel() != expected:
         raise ValueError(
             f"packed factor holds {packed.numel()} values but the mask regenerated from the seed keeps "
             f"{expected}: the file is corrupt or was written with another seed or module name"
         )
     out = torch.zeros((mask.shape[1], mask.shape[0]), dtype=packed.dtype, device=packed.device)
-    out[mask.t().to(packed.device)] = packed
+    out.masked_scatter_(mask.t().to(packed.device), packed)  # fills in row-major order of (r, rows)
     return out.t()
