@@ -132,7 +132,11 @@ def compress_module(
         ft_weight = finetuned_params[matrix_param]
         fingerprint = weight_fingerprint(base_weight)
         work_device = torch.device(device) if device is not None else base_weight.device
-        delta = ft_weight.to(work_device, torch.float32) - base_weight.to(work_device, torch.float32)
+        # In place, so that only one float32 matrix exists (not three: a 32000 x 4096 head is 0.5 GB each);
+        # float32 -= bf16/fp16/fp32 computes exactly ft.float() - base.float(). copy=True: never the caller's tensor.
+        delta = ft_weight.to(work_device, torch.float32, copy=True)
+        narrow = base_weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        delta -= base_weight.to(work_device) if narrow else base_weight.to(work_device, torch.float32)
         meta["shape"] = list(delta.shape)
         meta["dtype"] = str(ft_weight.dtype).removeprefix("torch.")
         if bool(delta.any()) and config.quantization is not None:
