@@ -12,7 +12,9 @@ from .config import ImPartConfig
 from .delta import CompressedDelta, compress_delta
 from .hub import download_adapter, push_adapter, resolve_adapter
 from .layer import ImPartEmbedding, ImPartLayer, ImPartLinear, ImPartVector
+from .merging import merge_deltas, merge_finetunes, sparsify_delta
 from .model import ImPartModel
+from .quantization import QuantizationScheme, QuantizedDelta, compress_delta_quantized
 from .registration import IMPART_PEFT_TYPE, register
 
 register(ImPartConfig, ImPartModel)
@@ -29,17 +31,23 @@ __all__ = [
     "ImPartLinear",
     "ImPartModel",
     "ImPartVector",
+    "QuantizationScheme",
+    "QuantizedDelta",
     "__version__",
     "allocate_keep_prob",
     "apply_adapter",
     "compress_checkpoints",
     "compress_delta",
+    "compress_delta_quantized",
     "dare_delta",
     "download_adapter",
     "from_finetuned",
     "lowrank_delta",
     "magnitude_delta",
+    "merge_deltas",
+    "merge_finetunes",
     "push_adapter",
     "resolve_adapter",
+    "sparsify_delta",
     "target_keep_fraction",
 ]

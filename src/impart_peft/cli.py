@@ -4,6 +4,8 @@
                     [--bits 8,4,3,2 [--bit-fractions F,F,F,F] [--group-size 128]] [--push-to-hub ORG/NAME]
     impart inspect ADAPTER
     impart apply BASE ADAPTER OUTPUT
+    impart merge BASE FT1 [FT2 ...] OUTPUT [--method task_arithmetic|ties] [--sparsify impart|dare|magnitude|none]
+                 [--density 0.2] [--weights W1,W2,...]
     impart eval BASE FINETUNED ADAPTER [--text FILE]
     impart push ADAPTER ORG/NAME [--private] [--revision BRANCH] [--tag TAG] [--license ID]
 
@@ -325,6 +327,38 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merging import merge_finetunes
+
+    if len(args.models) < 3:
+        raise ValueError(
+            f"impart merge needs BASE, at least one fine-tune and OUTPUT; got {len(args.models)} path(s)"
+        )
+    base, *finetunes, output = args.models
+    output = merge_finetunes(
+        base,
+        finetunes,
+        method=args.method,
+        sparsify=None if args.sparsify == "none" else args.sparsify,
+        weights=args.weights,
+        density=args.density,
+        scaling=args.scaling,
+        normalize=args.normalize,
+        majority_sign=args.majority_sign,
+        seed=args.seed,
+        pre_prune_ratio=args.pre_prune,
+        importance_exponent=args.exponent,
+        output_dir=output,
+        device=args.device,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"wrote {output}: load it with AutoModelForCausalLM.from_pretrained({str(output)!r})")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoints import evaluate_adapter
 
@@ -545,6 +579,90 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     apply.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     apply.set_defaults(func=_cmd_apply)
+
+    merge = command(
+        "merge",
+        "merge several fine-tunes of one base (task arithmetic or TIES, ImPart / DARE sparsified)",
+        "Merge fine-tunes FT1 FT2 ... of BASE into a standard transformers model folder OUTPUT, one tensor at a\n"
+        "time: each task vector FT_i - BASE is sparsified (its matrices; ImPart by default, at --density), then\n"
+        "merged by task arithmetic (BASE + lambda * sum_i w_i tau_i) or TIES (elected sign, disjoint mean).\n"
+        "The weights are written in the base's dtypes. See docs/merging.md.",
+    )
+    merge.usage = "impart merge [options] BASE FT1 [FT2 ...] OUTPUT"
+    merge.add_argument(
+        "models",
+        nargs="+",
+        metavar="PATH",
+        help="BASE, then the fine-tunes FT1 FT2 ... (folders or Hub repo ids), then OUTPUT (the folder to write)",
+    )
+    merge.add_argument(
+        "--method",
+        choices=("task_arithmetic", "ties"),
+        default="task_arithmetic",
+        help="how the task vectors are merged (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--sparsify",
+        choices=("impart", "dare", "magnitude", "none"),
+        default="impart",
+        help="how each task vector's matrices are sparsified first (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--density",
+        type=float,
+        default=0.2,
+        help="fraction of each task vector kept, in (0, 1]; ImPart / DARE at ratio 1/density (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--weights",
+        type=_float_list,
+        default=None,
+        metavar="W1,W2,...",
+        help="one weight per fine-tune (default 1)",
+    )
+    merge.add_argument(
+        "--scaling",
+        type=float,
+        default=1.0,
+        metavar="LAMBDA",
+        help="scale of the merged task vector (default 1)",
+    )
+    merge.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="divide by the sum of the contributing weights (default: yes for TIES, no for task arithmetic)",
+    )
+    merge.add_argument(
+        "--majority-sign",
+        choices=("total", "frequency"),
+        default="total",
+        help="TIES sign election: sign of the weighted sum, or of the count of signs (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--seed", type=_seed, default=0, help="seed of ImPart's / DARE's masks (fine-tune i: seed + i)"
+    )
+    merge.add_argument(
+        "--pre-prune",
+        type=_checked_float(check_pre_prune_ratio),
+        default=_DEFAULTS["pre_prune_ratio"],
+        metavar="BETA",
+        help="ImPart's pre-pruning ratio (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--exponent",
+        type=_checked_float(check_importance_exponent),
+        default=_DEFAULTS["importance_exponent"],
+        metavar="C",
+        help="ImPart's importance exponent (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)"
+    )
+    device_option(merge, "run the SVDs")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    merge.set_defaults(func=_cmd_merge)
 
     evaluate = command(
         "eval",

@@ -158,6 +158,25 @@ class ImPartModel(BaseTuner):
             if isinstance(module, ImPartLayer):
                 module.clear_cache()
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "cat",
+        svd_rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of loaded ImPart adapters (as PEFT's LoRA method of that name):
+        ``"cat"`` (exact), ``"svd"`` and the ``*_svd`` TIES / DARE / magnitude variants. See
+        :func:`impart_peft.merging.add_weighted_adapter`."""
+        from .merging import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method
+        )
+
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self.clear_cache()
         return super()._unload_and_optionally_merge(*args, **kwargs)
