@@ -51,6 +51,9 @@ RATIOS = (4, 8, 16, 32, 64)
 SEEDS = (0, 1, 2)
 GRID = tuple((beta, c) for beta in (0.6, 0.7, 0.8) for c in (0.5, 1.0))
 DEFAULT_IMPART = {"pre_prune_ratio": 0.8, "importance_exponent": 1.0}
+MERGE_DENSITY = (
+    0.2  # merge_finetunes' default: each task vector sparsified to CR 5 before merging (weights 1)
+)
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -125,27 +128,28 @@ def _module_missing(module: str) -> Callable[[], str | None]:
 
 
 def _impart_qt(delta, ratio, seed, name, pre_prune_ratio=0.8, importance_exponent=1.0):
-    """ImPart-QT through ``impart_peft.quantization.compress_delta_qt`` (the API issue 6 is expected to provide):
-    it must return an object with ``reconstruct()`` and ``num_stored_values`` counted in *16-bit-equivalent* values
-    (bits / 16), so that the ratio is comparable with the others'."""
+    """ImPart-QT (``impart_peft.quantization.compress_delta_quantized``, default scheme 8/4/3/2 bits). Its ratio
+    counts bits against a 16-bit fine-tune (``reference_dtype=float16``), so at CR c it stores the bits of
+    ``m*n/c`` 16-bit values, like the others; the stored count returned is its bytes in 16-bit values."""
     qt = importlib.import_module("impart_peft.quantization")
-    c = qt.compress_delta_qt(
+    c = qt.compress_delta_quantized(
         delta,
         compression_ratio=ratio,
         pre_prune_ratio=pre_prune_ratio,
         importance_exponent=importance_exponent,
         seed=seed,
         name=name,
+        reference_dtype=torch.float16,
     )
-    return c.reconstruct(), c.num_stored_values
+    return c.reconstruct().float(), (c.nbytes + 1) // 2
 
 
 def _qt_available() -> str | None:
     missing = _module_missing("impart_peft.quantization")()
     if missing:
         return missing
-    if not hasattr(importlib.import_module("impart_peft.quantization"), "compress_delta_qt"):
-        return "impart_peft.quantization has no compress_delta_qt(delta, compression_ratio, ...) yet"
+    if not hasattr(importlib.import_module("impart_peft.quantization"), "compress_delta_quantized"):
+        return "impart_peft.quantization has no compress_delta_quantized yet"
     return None
 
 
@@ -454,6 +458,7 @@ def diagnostics(base, ft, ratios, grid) -> dict:
     LowRank the energy of the dropped pairs), the smallest keep probability ImPart gives a kept pair, and what the
     deltas look like (size relative to the base weights, energy in the top singular pairs)."""
     from impart_peft import allocate_keep_prob
+    from impart_peft.masks import keep_prob_from_threshold, keep_threshold_from_prob
 
     base_sd, ft_sd = base.state_dict(), ft.state_dict()
     deltas = matrix_deltas(base_sd, ft_sd)
@@ -481,6 +486,8 @@ def diagnostics(base, ft, ratios, grid) -> dict:
             err, min_q, small, kept_pairs = 0.0, 1.0, 0, 0
             for k, s in spectra.items():
                 q = allocate_keep_prob(s, tuple(deltas[k].shape), ratio, beta, c).keep_prob
+                # as compress_delta stores it: q rounded to its integer threshold, pairs rounding to 0 dropped
+                q = keep_prob_from_threshold(keep_threshold_from_prob(q))
                 kept_mask = q > 0
                 qk = q[kept_mask]
                 err += float((s[kept_mask] ** 2 * (1 / qk**2 - 1)).sum() + (s[~kept_mask] ** 2).sum())
@@ -522,11 +529,12 @@ def run_merges(pairs: P.Pairs, log) -> dict:
                         [pairs.finetuned[t] for t in P.TASKS],
                         method=method,
                         sparsify=sparsify,
+                        density=MERGE_DENSITY,
                         seed=seed,
                     )
                 except TypeError as exc:  # the API differs from what this hook expects: report, do not guess
                     return {"status": "not run", "reason": f"merge_finetunes signature: {exc}"}
-                row = {"method": method, "sparsify": sparsify, "seed": seed}
+                row = {"method": method, "sparsify": sparsify, "seed": seed, "density": MERGE_DENSITY}
                 for task in P.TASKS:
                     s = score(merged, refs[task], False)
                     row[f"{task}_acc"] = s["acc"]

@@ -87,10 +87,11 @@ def plot_quality(q: dict, path: Path) -> None:
         axes[1, col].set_yscale("log")
         axes[1, col].set_xscale("log", base=2)
         axes[1, col].set_xticks(ratios, [str(r) for r in ratios])
-        axes[1, col].set_xlabel("compression ratio (dense delta values / stored values)")
-    axes[0, 0].set_ylabel("task accuracy kept (% of the fine-tune's gain)")
-    axes[1, 0].set_ylabel("KL(fine-tune || compressed), nats/token, held-out text")
-    axes[0, -1].legend(loc="lower left", fontsize=8)
+        axes[1, col].set_xlabel("compression ratio (CR)")
+    axes[0, 0].set_ylabel("accuracy kept, % of the fine-tune's gain")
+    axes[1, 0].set_ylabel("KL(fine-tune ‖ compressed), nats/token\n(held-out text, log scale)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.06))
     fig.suptitle(
         "Delta compression of full fine-tunes: quality vs. size (test split; error bars: std over seeds)"
     )
@@ -140,6 +141,7 @@ def plot_speed(s: dict, path: Path) -> None:
         b.bar([i + (j - 1.5) * w for i in range(len(names))], [loads[n][key] for n in names], w, label=label)
     b.set_xticks(range(len(names)), [f"{n}\n({loads[n]['params'] / 1e6:.1f}M params)" for n in names])
     b.set_yscale("log")
+    b.set_ylim(top=20 * max(loads[n][k] for n in names for k, _ in keys))  # room for the legend
     b.set_ylabel("seconds (log)")
     b.set_title("time to get the fine-tune's weights on a loaded base")
     b.legend(fontsize=8)
@@ -255,6 +257,12 @@ def quality_tables(q: dict) -> str:
     else:
         out.append(
             "#### Merging the two fine-tunes into one model (test split, % of each fine-tune's gain kept)\n"
+        )
+        density = merging["rows"][0].get("density")
+        out.append(
+            f"`impart_peft.merge_finetunes(base, [add, extract], method, sparsify, density={density}, seed)`, "
+            "weights 1: each task vector sparsified to CR "
+            f"{1 / density:g} (ImPart at β 0.8, C 1; DARE) before the merge.\n"
         )
         out.append("| merge | sparsify | seed | " + " | ".join(f"{t} kept %" for t in q["tasks"]) + " |")
         out.append("|---|---|---|" + "---|" * len(q["tasks"]))
