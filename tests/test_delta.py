@@ -495,6 +495,8 @@ def test_other_bad_deltas():
         ({"svd_dtype": torch.float16}, "svd_dtype must be torch.float32 or torch.float64"),
         ({"svd_method": "qr"}, "svd_method must be one of"),
         ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": 1.5}, "seed must be a non-negative integer"),
+        ({"name": None}, "name must be the module name as a str"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -22,7 +22,7 @@ import torch
 
 from .allocation import check_compression_ratio
 from .delta import check_delta, dtype_bits, svd_top
-from .masks import FACTOR_U, keep_mask
+from .masks import FACTOR_U, keep_mask, stream_key
 
 __all__ = ["DareDelta", "LowRankDelta", "MagnitudeDelta", "dare_delta", "lowrank_delta", "magnitude_delta"]
 
@@ -99,6 +99,9 @@ def dare_delta(
     """DARE at ``compression_ratio``: drop each element with probability ``1 - 1/CR``, rescale by CR."""
     check_delta(delta, name)
     _require_ratio(compression_ratio)
+    if not isinstance(name, str):
+        raise ValueError(f"name must be the module name as a str, got {type(name).__name__}")
+    stream_key(seed, name, FACTOR_U)  # checks the seed
     keep_threshold = round((1 << 32) / compression_ratio)
     out = DareDelta(
         tuple(delta.shape), torch.empty(0), keep_threshold, seed, name, compression_ratio, delta.dtype

@@ -34,6 +34,7 @@ from .masks import (
     keep_prob_from_threshold,
     keep_threshold_from_prob,
     pack_columns,
+    stream_key,
     unpack_columns,
 )
 
@@ -403,6 +404,11 @@ def compress_delta(
     check_pre_prune_ratio(pre_prune_ratio)
     check_importance_exponent(importance_exponent)
     _check_svd_method(svd_method)
+    if not isinstance(name, str):
+        raise ValueError(f"name must be the module name as a str, got {type(name).__name__}")
+    stream_key(seed, name, FACTOR_U)  # checks the seed before the SVD, not after it
+    if svd_dtype not in _SVD_DTYPES:
+        raise ValueError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype}")
     storage_dtype = storage_dtype or delta.dtype
     m, n = delta.shape
     needed = pairs_needed((m, n), compression_ratio, pre_prune_ratio)
