@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from impart_peft import ImPartConfig, ImPartLayer, from_finetuned
+from impart_peft.allocation import allocate_keep_prob, target_keep_fraction
 from impart_peft.checkpoints import apply_adapter, compress_checkpoints, inspect_adapter
 from impart_peft.cli import main
 from impart_peft.delta import compress_delta
@@ -22,6 +23,7 @@ from impart_peft.quantization import (
     QuantizationScheme,
     QuantizedDelta,
     allocate_bit_budget,
+    allocate_keep_fraction,
     compress_delta_quantized,
     dequantize_values,
     expected_payload_bits,
@@ -206,11 +208,50 @@ def test_bit_budget_is_spent_and_keeps_more_values():
             assert kept > {2: 6.5, 4: 3.4}.get(bits[0], 2) * budget / 16, (ratio, bits, kept)
 
 
+def test_allocation_by_keep_fraction_is_allocate_keep_prob():
+    # The bit budget drives ImPart's own allocation: for every ratio allocate_keep_prob accepts, the same result
+    # bit for bit when the budget is given as the mean keep probability.
+    for shape, seed in (((256, 512), 0), ((96, 64), 1), ((40, 40), 2)):
+        sigma = torch.linalg.svdvals(low_rank_delta(*shape, seed=seed))
+        for ratio in (1.05, 2, 4, 16, 100):
+            for beta in (0.0, 0.5, 0.9):
+                for exponent in (0.5, 1.0, 2.0):
+                    expected = allocate_keep_prob(sigma, shape, ratio, beta, exponent)
+                    got = allocate_keep_fraction(
+                        sigma, shape, target_keep_fraction(shape, ratio), beta, exponent
+                    )
+                    assert torch.equal(got.keep_prob, expected.keep_prob), (shape, ratio, beta, exponent)
+                    assert (got.boundary, got.gamma, got.pre_prune_lowered) == (
+                        expected.boundary,
+                        expected.gamma,
+                        expected.pre_prune_lowered,
+                    )
+    # ... and beyond them: more than m * n values (a value ratio below 1), which b-bit codes can pay for.
+    sigma = torch.linalg.svdvals(low_rank_delta(64, 64))
+    wide = allocate_keep_fraction(sigma, (64, 64), 0.9, 0.8, 1.0)
+    assert float(wide.keep_prob.sum()) == pytest.approx(0.9 * 64)
+    assert bool((wide.keep_prob[1:] <= wide.keep_prob[:-1]).all())
+    with pytest.raises(ValueError, match="mean_keep must be in"):
+        allocate_keep_fraction(sigma, (64, 64), 1.5)
+
+
+def test_low_bits_keep_more_values_than_the_dense_matrix_has():
+    # 2-bit codes at CR 8 against float32 pay for ~123k values of a 256 x 256 delta's 131k factor elements: more
+    # than the m * n = 65,536 a ratio-based allocation could ever ask for.
+    sigma = torch.linalg.svdvals(low_rank_delta(256, 256))
+    planned = allocate_bit_budget(
+        sigma, (256, 256), 8, QuantizationScheme.parse([2]), 32, pre_prune_ratio=0.9
+    )
+    kept = float(planned.allocation.keep_prob.sum()) * 512
+    assert kept > 1.8 * 256 * 256
+    assert 0.98 * planned.budget_bits < planned.expected_bits <= planned.budget_bits
+
+
 def test_bit_budget_not_binding_keeps_every_pair_whole():
     delta = low_rank_delta(64, 64)[:, :]
     sigma = torch.linalg.svdvals(delta)
     planned = allocate_bit_budget(sigma, (64, 64), 1.5, QuantizationScheme.parse([2]), 32)
-    assert planned.value_ratio is None and planned.allocation.boundary == 64
+    assert planned.mean_keep is None and planned.allocation.boundary == 64
     assert bool((planned.allocation.keep_prob == 1).all())
     lossless = allocate_bit_budget(sigma, (64, 64), None, QuantizationScheme(), 16)
     assert lossless.budget_bits is None and lossless.allocation.boundary == 64

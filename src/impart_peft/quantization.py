@@ -62,6 +62,7 @@ __all__ = [
     "QuantizationScheme",
     "QuantizedDelta",
     "allocate_bit_budget",
+    "allocate_keep_fraction",
     "compress_delta_quantized",
     "dequantize_values",
     "expected_payload_bits",
@@ -243,6 +244,75 @@ def expected_payload_bits(
     return codes + _SCALE_BITS * groups
 
 
+def allocate_keep_fraction(
+    singular_values: torch.Tensor,
+    shape: tuple[int, int],
+    mean_keep: float,
+    pre_prune_ratio: float = 0.8,
+    importance_exponent: float = 1.0,
+) -> Allocation:
+    """:func:`~impart_peft.allocation.allocate_keep_prob` with the budget given as the mean keep probability
+    ``q̄ = mean_k q_k`` in ``(0, 1]`` instead of a compression ratio.
+
+    ``allocate_keep_prob(sigma, shape, CR, ...)`` is this with ``q̄ = target_keep_fraction(shape, CR)``, bit for bit
+    (tested); this form also reaches ``q̄`` above ``m n / (R (m + n))`` (a value ratio below 1), which quantised values
+    can pay for: at 2 to 3 bits a budget of 16-bit dense values keeps more than ``m n`` factor values. The steps
+    (boundary ``max(floor(R(1 - beta)), ceil(q̄ R))``, drop spread as ``gamma (1 - (sigma_k/sigma_1)^C)``, pairs past
+    ``p_k > 1`` dropped and gamma solved again) are those of ``allocate_keep_prob``.
+    """
+    base = allocate_keep_prob(singular_values, shape, None, pre_prune_ratio, importance_exponent)  # validates
+    if isinstance(mean_keep, bool) or not isinstance(mean_keep, (int, float)) or not 0 < mean_keep <= 1:
+        raise ValueError(f"mean_keep must be in (0, 1], got {mean_keep!r}")
+    rank = min(shape)
+    sigma = singular_values.detach().to("cpu", torch.float64)
+    keep_prob = torch.zeros(rank, dtype=torch.float64)
+    nonzero = base.boundary  # pairs above the SVD noise floor
+    if nonzero == 0:
+        return Allocation(keep_prob, 0, 0.0, mean_keep, 0.0, False, False)
+    keep_budget = mean_keep * rank
+    boundary = pre_prune_boundary(rank, pre_prune_ratio)
+    min_boundary = math.ceil(keep_budget - 1e-9)
+    pre_prune_lowered = boundary < min_boundary
+    boundary = max(boundary, min_boundary)
+    under_budget = nonzero < min_boundary
+    boundary = min(boundary, nonzero)
+    ratio = sigma / sigma[0]
+    importance = 1.0 - ratio**importance_exponent
+    importance[ratio >= 1.0 - max(shape) * torch.finfo(torch.float32).eps] = 0.0
+    gamma = 0.0
+    while boundary > 0:
+        drop_inside = boundary - keep_budget
+        if drop_inside <= 0:
+            keep_prob[:boundary] = 1.0
+            break
+        weight_sum = float(importance[:boundary].sum())
+        if weight_sum <= 1e-12 * boundary:
+            gamma = 0.0
+            keep_prob[:boundary] = 1.0 - drop_inside / boundary
+            break
+        gamma = drop_inside / weight_sum
+        drop = gamma * importance[:boundary]
+        over = int((drop > 1.0).sum())
+        if over == 0:
+            keep_prob[:boundary] = 1.0 - drop
+            break
+        next_boundary = max(boundary - over, min(min_boundary, nonzero))
+        if next_boundary == boundary:
+            keep_prob[:boundary] = 1.0 - drop
+            break
+        boundary = next_boundary
+    keep_prob.clamp_(0.0, 1.0)
+    return Allocation(
+        keep_prob=keep_prob,
+        boundary=int((keep_prob > 0).sum()),
+        gamma=gamma,
+        target_keep_fraction=mean_keep,
+        achieved_keep_fraction=float(keep_prob.mean()),
+        pre_prune_lowered=pre_prune_lowered,
+        under_budget=under_budget,
+    )
+
+
 @dataclass(frozen=True)
 class BitAllocation:
     """Result of :func:`allocate_bit_budget`.
@@ -250,15 +320,15 @@ class BitAllocation:
     Attributes:
         allocation: the ImPart allocation of keep probabilities that spends the bit budget.
         pair_bits: int64 ``(boundary,)`` bit width of each kept pair.
-        value_ratio: the value compression ratio (dense values / kept values, as unquantised ImPart counts it)
-            the allocation was made at; ``None`` when every pair is kept whole (the budget is not binding).
+        mean_keep: the mean keep probability ``q̄`` the allocation was made at; ``None`` when every non-zero pair
+            is kept whole (the budget is not binding).
         budget_bits: ``m * n * reference_bits / CR`` (``None`` for ``compression_ratio=None``).
         expected_bits: expected payload bits (codes + scales) of the allocation.
     """
 
     allocation: Allocation
     pair_bits: torch.Tensor
-    value_ratio: float | None
+    mean_keep: float | None
     budget_bits: float | None
     expected_bits: float
 
@@ -272,48 +342,54 @@ def allocate_bit_budget(
     pre_prune_ratio: float = 0.8,
     importance_exponent: float = 1.0,
 ) -> BitAllocation:
-    """ImPart's allocation (:func:`~impart_peft.allocation.allocate_keep_prob`) with a budget in bits.
+    """ImPart's allocation with a budget in bits.
 
     The budget is ``m * n * reference_bits / compression_ratio`` bits for the codes and scales. The allocation rule
-    is unchanged (same ``p_k = gamma * (1 - (sigma_k / sigma_1)^C)``, same pre-pruning); only its total is set by
-    bits: the smallest value compression ratio ``v`` (most values kept) whose expected payload fits the budget, by
-    bisection on ``log v`` in float64 (deterministic). The bit widths follow the scheme's tiers over the pairs kept
-    at ``v``. With ``compression_ratio=None``, or when keeping every non-zero pair whole fits the budget, every pair
-    is kept whole.
+    is unchanged (same ``p_k = gamma * (1 - (sigma_k / sigma_1)^C)``, same pre-pruning, see
+    :func:`allocate_keep_fraction`); only its total is set by bits: the largest mean keep probability ``q̄`` whose
+    expected payload fits the budget, by bisection on ``q̄`` in float64 (deterministic). The bit widths follow the
+    scheme's tiers over the pairs kept at ``q̄``. With ``compression_ratio=None``, or when keeping every non-zero pair
+    whole fits the budget, every non-zero pair is kept whole.
     """
     check_compression_ratio(compression_ratio)
     m, n = shape
 
-    def at(value_ratio: float | None) -> tuple[Allocation, torch.Tensor, float]:
-        allocation = allocate_keep_prob(
-            singular_values, shape, value_ratio, pre_prune_ratio, importance_exponent
-        )
+    def bits_of(allocation: Allocation) -> tuple[Allocation, torch.Tensor, float]:
         pair_bits = scheme.pair_bits(allocation.boundary)
-        bits = expected_payload_bits(allocation.keep_prob, pair_bits, shape, scheme.group_size)
-        return allocation, pair_bits, bits
+        return (
+            allocation,
+            pair_bits,
+            expected_payload_bits(allocation.keep_prob, pair_bits, shape, scheme.group_size),
+        )
 
-    whole = at(None)
+    whole = bits_of(allocate_keep_prob(singular_values, shape, None, pre_prune_ratio, importance_exponent))
     if compression_ratio is None:
         return BitAllocation(whole[0], whole[1], None, None, whole[2])
     budget = m * n * reference_bits / compression_ratio
-    if whole[2] <= budget:
+    if whole[2] <= budget or whole[0].boundary == 0:
         return BitAllocation(whole[0], whole[1], None, budget, whole[2])
-    # Invariant: the payload at `high` fits, the one at `low` does not (low = 1 stands for "every value").
-    low, high = 1.0, max(compression_ratio * reference_bits / max(scheme.bits), 1.0 + 1e-6)
-    best = at(high)
-    while best[2] > budget and high < 1e15:
-        low, high = high, high * 2
-        best = at(high)
-    for _ in range(100):
-        if high / low - 1 < 1e-10:
+
+    def at(mean_keep: float) -> tuple[Allocation, torch.Tensor, float]:
+        return bits_of(
+            allocate_keep_fraction(singular_values, shape, mean_keep, pre_prune_ratio, importance_exponent)
+        )
+
+    # Invariant: the payload at `low` fits (0 keeps nothing), the one at `high` (every non-zero pair) does not.
+    low, high = 0.0, whole[0].boundary / min(m, n)
+    best = None
+    for _ in range(200):
+        if high - low <= 1e-12 * high:
             break
-        middle = math.sqrt(low * high)
+        middle = (low + high) / 2
         candidate = at(middle)
         if candidate[2] <= budget:
-            high, best = middle, candidate
+            low, best = middle, candidate
         else:
-            low = middle
-    return BitAllocation(best[0], best[1], high, budget, best[2])
+            high = middle
+    if best is None:  # not even the scale of one group fits: nothing is stored
+        empty = Allocation(torch.zeros(min(m, n), dtype=torch.float64), 0, 0.0, 0.0, 0.0, False, False)
+        return BitAllocation(empty, scheme.pair_bits(0), 0.0, budget, 0.0)
+    return BitAllocation(best[0], best[1], low, budget, best[2])
 
 
 def _pairs_for_budget(
