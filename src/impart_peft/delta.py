@@ -57,6 +57,16 @@ def dtype_bits(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() * 8
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every element of ``tensor`` is finite, checked ``chunk`` elements at a time.
+
+    ``torch.isfinite`` of a whole tensor allocates temporaries the size of the tensor (its absolute value and
+    boolean masks: 0.9 GB for a float32 32000 x 4096 delta); in chunks they stay a few MB.
+    """
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+
+
 def check_delta(delta: torch.Tensor, name: str = "") -> None:
     """Raise ``ValueError`` unless ``delta`` is a finite 2-D floating tensor."""
     where = f" of {name!r}" if name else ""
@@ -71,7 +81,7 @@ def check_delta(delta: torch.Tensor, name: str = "") -> None:
         raise ValueError(f"delta{where} must be a floating-point tensor, got {delta.dtype}")
     if delta.numel() == 0:
         raise ValueError(f"delta{where} is empty (shape {tuple(delta.shape)})")
-    if not torch.isfinite(delta).all():
+    if not all_finite(delta):
         bad = int((~torch.isfinite(delta)).sum())
         raise ValueError(
             f"delta{where} contains {bad} NaN or inf value(s): check the base and fine-tuned checkpoints "
