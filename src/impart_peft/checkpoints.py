@@ -624,6 +624,7 @@ def compress_checkpoints(
     once, so the peak does not grow with the number of layers.
     """
     device = _check_device(device)
+    _check_output(output_dir, overwrite)  # before any download or planning
     config = ImPartConfig(
         **{**(config or ImPartConfig()).to_dict(), "module_meta": {}, "base_fingerprint": {}}
     )
@@ -636,7 +637,6 @@ def compress_checkpoints(
     fingerprints: dict[str, list[float]] = {}
     with _atomic_folder(output_dir, overwrite) as scratch:
         spill = _Spill(scratch / ".tensors.spill")
-        written: dict[str, list[str]] = {}
         try:
             with _progress(total, "compress", "tensor", progress) as bar, torch.no_grad():
                 for name, item in planned.items():
@@ -657,11 +657,8 @@ def compress_checkpoints(
                         fingerprints[name] = fingerprint
                     if meta is not None:
                         module_meta[name] = meta
-                        written[name] = []
                         for param_name, tensor in tensors.items():
-                            key = f"{ADAPTER_PREFIX}{name}.{param_name}"
-                            spill.add(key, tensor)
-                            written[name].append(key)
+                            spill.add(f"{ADAPTER_PREFIX}{name}.{param_name}", tensor)
                     del tensors
             # A tied head without its embedding's delta carries nothing (as in from_finetuned).
             module_meta = {
