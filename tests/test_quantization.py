@@ -324,6 +324,8 @@ def test_quantized_adapter_round_trips_bit_identically(arch, tie, tmp_path):
 
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["quantization"] == ImPartConfig(quantization=QT).quantization
+    # The model card's "how it was made" names the bit schedule.
+    assert "quantization={'bits': [8, 4, 3, 2]" in (tmp_path / "README.md").read_text()
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as handle:
         keys = list(handle.keys())
         assert not [k for k in keys if k.endswith(("impart_u_values", "impart_v_values"))]

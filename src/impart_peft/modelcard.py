@@ -261,6 +261,8 @@ def _config_call(data: Mapping[str, Any]) -> str:
         args.append(f"svd_dtype={data['svd_dtype']!r}")
     if data.get("include_embeddings", True) is False:
         args.append("include_embeddings=False")
+    if data.get("quantization"):  # ImPart-QT: the bit schedule is part of how the adapter was made
+        args.append(f"quantization={dict(data['quantization'])!r}")
     return "ImPartConfig(" + ", ".join(args) + ")"
 
 
