@@ -410,10 +410,11 @@ def summarize(rows: list[dict], tasks, ratios) -> dict:
 
 
 def ordering_checks(summary: dict, ratios) -> list[dict]:
-    """The paper's two claims, per task and on the mean over tasks, for the chosen and the default ImPart."""
+    """The paper's two claims, per task and on the mean over tasks, for the chosen and the default ImPart (and for
+    ImPart-QT and the trimmed diagnostic when they ran)."""
     checks = []
     for task, table in summary.items():
-        for imp in ("impart", "impart_default"):
+        for imp in ("impart", "impart_default", "impart_qt", "impart_trim"):
             if imp not in table:
                 continue
             for r in ratios:
