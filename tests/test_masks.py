@@ -287,8 +287,8 @@ def test_empty_masks():
 def test_masks_of_a_4096_square_matrix_are_fast():
     # Both factors' masks of a 4096 x 4096 matrix at q = 0.5 (33.5M hashed elements). Timed on one thread,
     # best of three, and against one in-place int64 multiply over a tensor of the same size on the same
-    # machine, so that a busy machine slows both alike: about 3 such passes on an idle machine, 8 on a heavily
-    # oversubscribed one; the int64 grid of the first implementation took over 40.
+    # machine, so that a busy machine slows both alike: 7.6 to 9.5 such passes here, idle or loaded; the int64
+    # grid of the first implementation took 41 to 50.
     import time
     from functools import partial
 
@@ -313,7 +313,7 @@ def test_masks_of_a_4096_square_matrix_are_fast():
         )
     finally:
         torch.set_num_threads(threads)
-    assert masks < 15 * one_pass, f"both masks took {masks:.2f} s = {masks / one_pass:.1f} int64 passes"
+    assert masks < 20 * one_pass, f"both masks took {masks:.2f} s = {masks / one_pass:.1f} int64 passes"
     assert masks < 5.0, f"both masks took {masks:.2f} s on one thread"
 
 
