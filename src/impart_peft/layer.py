@@ -244,6 +244,15 @@ class ImPartLayer(BaseTunerLayer):
     def _merges_weight(self, adapter: str) -> bool:
         return True
 
+    def _merge_updates(self, adapter: str) -> dict[str, torch.Tensor]:
+        """Base parameter name -> the delta that merging ``adapter`` adds to it."""
+        updates = dict(self._vector_deltas(adapter))
+        if self._merges_weight(adapter):
+            delta = self.get_delta_weight(adapter)
+            if delta is not None:
+                updates["weight"] = delta
+        return updates
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' deltas to the base weights in place.
 
@@ -255,11 +264,7 @@ class ImPartLayer(BaseTunerLayer):
         for adapter in adapter_names:
             if adapter not in self.impart_meta:
                 continue
-            updates = dict(self._vector_deltas(adapter))
-            if self._merges_weight(adapter):
-                delta = self.get_delta_weight(adapter)
-                if delta is not None:
-                    updates["weight"] = delta
+            updates = self._merge_updates(adapter)
             patches = {}
             new_values = {}
             for param_name, delta in updates.items():
@@ -291,11 +296,7 @@ class ImPartLayer(BaseTunerLayer):
             adapter = self.merged_adapters.pop()
             if adapter not in self.impart_meta:
                 continue
-            updates = dict(self._vector_deltas(adapter))
-            if self._merges_weight(adapter):
-                delta = self.get_delta_weight(adapter)
-                if delta is not None:
-                    updates["weight"] = delta
+            updates = self._merge_updates(adapter)
             patches = self._impart_merge_patch.pop(adapter, {})
             for param_name, delta in updates.items():
                 param = getattr(base, param_name)
