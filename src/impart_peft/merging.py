@@ -664,6 +664,7 @@ def add_weighted_adapter(
             "module_meta": module_meta,
             "base_fingerprint": {n: fingerprints[n] for n in module_meta if n in fingerprints},
             "target_modules": None,
+            "finetuned_model_name_or_path": None,  # a combination of several
         }
     )
     config.inference_mode = True

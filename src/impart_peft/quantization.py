@@ -677,6 +677,11 @@ class QuantizedDelta:
             if not tensors[key].is_floating_point() or tensors[key].dim() != 1:
                 raise ValueError(f"quantised delta {name!r}: {key} must be a 1-D float tensor")
         pair_bits = runs_to_bits(quantized_meta["bits"])
+        group_size = quantized_meta.get("group_size")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(
+                f"quantised delta {name!r}: group_size must be a positive integer, got {group_size!r}"
+            )
         rank = tensors["singular_values"].numel()
         if pair_bits.numel() != rank or tensors["keep_threshold"].numel() != rank:
             raise ValueError(
@@ -697,7 +702,7 @@ class QuantizedDelta:
             u_scales=tensors["u_scales"],
             v_scales=tensors["v_scales"],
             pair_bits=pair_bits,
-            group_size=int(quantized_meta["group_size"]),
+            group_size=group_size,
             u_count=-1,  # known once the masks are regenerated
             v_count=-1,
             seed=seed,
