@@ -1,5 +1,6 @@
 """Plots and tables from ``benchmarks/results/{quality,speed}.json``.
 
+Reads ``benchmarks/results/quality_real.json`` (the real pairs; ``quality_toy.json`` if there is no real run).
 Writes ``docs/quality_vs_cr.png`` (the headline: task accuracy kept and KL against CR, one line per method, error
 bars = std over seeds), ``docs/speed.png`` (time bars), and the generated tables of ``docs/benchmarks.md``: the
 text between ``<!-- generated:begin -->`` and ``<!-- generated:end -->`` is replaced, the rest of the page is left
@@ -22,7 +23,8 @@ DOCS = ROOT / "docs"
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 LABELS = {
-    "impart": "ImPart (beta, C tuned on val)",
+    "impart": "ImPart (paper rule, beta, C tuned on val)",
+    "impart_rescaled": "ImPart, older 'rescaled' rule (tuned on val)",
     "impart_default": "ImPart (default beta 0.8, C 1)",
     "dare": "DARE",
     "lowrank": "LowRank",
@@ -32,6 +34,7 @@ LABELS = {
 }
 COLORS = {
     "impart": "tab:red",
+    "impart_rescaled": "tab:pink",
     "impart_default": "tab:orange",
     "dare": "tab:blue",
     "lowrank": "tab:green",
@@ -66,6 +69,8 @@ def plot_quality(q: dict, path: Path) -> None:
         for method, by_ratio in table.items():
             xs = [r for r in ratios if str(r) in by_ratio]
             for row, metric in enumerate(("kept", "kl_text")):
+                if any(metric not in by_ratio[str(r)] for r in xs):
+                    continue
                 ys = [by_ratio[str(r)][metric]["mean"] for r in xs]
                 es = [by_ratio[str(r)][metric]["std"] for r in xs]
                 axes[row, col].errorbar(
@@ -77,7 +82,7 @@ def plot_quality(q: dict, path: Path) -> None:
                     capsize=3,
                     color=COLORS.get(method),
                     label=LABELS.get(method, method),
-                    ls={"impart_default": "--", "impart_trim": ":"}.get(method, "-"),
+                    ls={"impart_default": "--", "impart_trim": ":", "impart_rescaled": "--"}.get(method, "-"),
                 )
         title = "mean over tasks" if task == "mean" else f"task: {task}"
         axes[0, col].set_title(title)
@@ -92,9 +97,9 @@ def plot_quality(q: dict, path: Path) -> None:
     axes[1, 0].set_ylabel("KL(fine-tune ‖ compressed), nats/token\n(held-out text, log scale)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.06))
-    fig.suptitle(
-        "Delta compression of full fine-tunes: quality vs. size (test split; error bars: std over seeds)"
-    )
+    suite = q["meta"].get("suite", "toy")
+    what = "SmolLM2-135M-Instruct full fine-tunes" if suite == "real" else "toy pairs"
+    fig.suptitle(f"Delta compression of {what}: quality vs. size (test split; error bars: std over seeds)")
     _save_fig_atomic(fig, path)
     plt.close(fig)
 
@@ -155,53 +160,78 @@ def _pm(entry: dict, fmt: str) -> str:
     return f"{entry['mean']:{fmt}}"
 
 
+def _ratio_header(ratios) -> list[str]:
+    return ["| method | " + " | ".join(f"CR {r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+
+
 def quality_tables(q: dict) -> str:
     ratios = q["meta"]["ratios"]
+    tasks = list(q["tasks"])
     out = []
     for metric, title, fmt in (
         ("kept", "Task accuracy kept, % of the fine-tune's gain over the base (test split)", ".1f"),
         ("kl_text", "Next-token KL(fine-tune ‖ compressed), nats/token, on held-out text", ".4f"),
-        ("kl_task", "Next-token KL on the task's test examples, nats/token", ".4f"),
+        ("kl_task", "Next-token KL at the answer positions of the test examples, nats/token", ".4f"),
     ):
         out.append(f"#### {title}\n")
-        for task in [*q["tasks"], "mean"]:
+        for task in [*tasks, "mean"]:
             label = "mean over tasks" if task == "mean" else f"task `{task}`"
             out.append(f"{label}:\n")
-            out.append("| method | " + " | ".join(f"CR {r}" for r in ratios) + " |")
-            out.append("|---|" + "---|" * len(ratios))
+            out.extend(_ratio_header(ratios))
             for method, by_ratio in q["summary"][task].items():
-                cells = [_pm(by_ratio[str(r)][metric], fmt) if str(r) in by_ratio else "" for r in ratios]
+                cells = [
+                    _pm(by_ratio[str(r)][metric], fmt)
+                    if str(r) in by_ratio and metric in by_ratio[str(r)]
+                    else ""
+                    for r in ratios
+                ]
                 out.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
             out.append("")
-    out.append("#### Anchors (test split)\n")
+    out.append("#### The pairs (test split)\n")
     out.append(
-        "| task | base acc | fine-tune acc | base KL to fine-tune (text) | lossless ImPart KL (text) | matrices | matrix values |"
+        "| task | base acc | fine-tune acc | KL(fine-tune ‖ base), text | lossless ImPart KL | ‖ΔW‖/‖W‖ (all) | "
+        "mean over matrices of ‖ΔW‖/‖W‖: q / k / v / o / gate / up / down | mean abs ΔW element | matrices | "
+        "values |"
     )
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for task, info in q["tasks"].items():
         t = info["anchors"]["test"]
+        d = info["diagnostics"]
+        by_type = d.get("delta_rel_norm_by_type_mean", {})
+        types = " / ".join(
+            f"{by_type[k]:.4f}"
+            for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+            if k in by_type
+        )
         out.append(
             f"| {task} | {t['base']:.3f} | {t['finetuned']:.3f} | {t['base_scores']['kl_text']:.4f} | "
-            f"{info['lossless']['kl_text']:.1e} | {info['matrices']} | {info['matrix_values']:,} |"
+            f"{info['lossless']['kl_text']:.1e} | {d['delta_rel_norm']:.4f} | {types or 'n/a'} | "
+            f"{d.get('mean_abs_delta', float('nan')):.2e} | {info['matrices']} | {info['matrix_values']:,} |"
         )
     out.append("")
     out.append("#### ImPart (beta, C) chosen on the validation split\n")
-    out.append("| task | " + " | ".join(f"CR {r}" for r in ratios) + " |")
-    out.append("|---|" + "---|" * len(ratios))
-    for task, info in q["tasks"].items():
-        cells = []
-        for r in ratios:
-            sel = info["selection"][str(r)]
-            cells.append(
-                f"β {sel['pre_prune_ratio']}, C {sel['importance_exponent']:g} ({sel['val_kept']:.0f}%)"
-            )
-        out.append(f"| {task} | " + " | ".join(cells) + " |")
-    out.append("")
+    for name in dict.fromkeys(n for info in q["tasks"].values() for n in info["selection"]):
+        out.append(f"{LABELS.get(name, name)}:\n")
+        out.append("| task | " + " | ".join(f"CR {r}" for r in ratios) + " |")
+        out.append("|---|" + "---|" * len(ratios))
+        for task, info in q["tasks"].items():
+            if name not in info["selection"]:
+                continue
+            cells = []
+            for r in ratios:
+                sel = info["selection"][name][str(r)]
+                where = (
+                    "" if sel.get("chosen_at_ratio", r) == r else f", chosen at CR {sel['chosen_at_ratio']}"
+                )
+                cells.append(
+                    f"β {sel['pre_prune_ratio']}, C {sel['importance_exponent']:g} (val {sel['val_kept']:.0f}%{where})"
+                )
+            out.append(f"| {task} | " + " | ".join(cells) + " |")
+        out.append("")
     out.append(
         "#### Achieved compression ratio (dense values / all stored values, singular values included)\n"
     )
-    out.append("| method | " + " | ".join(f"CR {r}" for r in ratios) + " |")
-    out.append("|---|" + "---|" * len(ratios))
+    out.extend(_ratio_header(ratios))
     for method, by_ratio in q["summary"]["mean"].items():
         cells = [
             f"{by_ratio[str(r)]['achieved_ratio']['mean']:.2f}" if str(r) in by_ratio else "" for r in ratios
@@ -220,33 +250,34 @@ def quality_tables(q: dict) -> str:
             f"{'yes' if c['holds_kl'] else '**no**'} |"
         )
     out.append("")
-    out.append("#### Diagnostics: the deltas, and each method's expected squared error (closed forms)\n")
+    out.append("#### Diagnostics: the spectra, and each method's expected squared error (closed forms)\n")
     out.append(
         "Expected `E‖ΔW_c − ΔW‖²` summed over the matrices, relative to `‖ΔW‖²` (DARE: `CR − 1`; LowRank: the "
-        "dropped energy; ImPart: `Σ σ_k² (1/q_k² − 1)` over kept pairs + the dropped energy), the smallest `q_k` "
-        "ImPart gives a kept pair, and the share of its kept pairs with `q_k < 0.1`. Judge quality on the tables "
-        "above, not on these: they explain, they do not rank.\n"
+        "dropped energy; ImPart: `Σ σ_k² (1/(q_U,k q_V,k) − 1)` over kept pairs + the dropped energy), the smallest "
+        "keep fraction ImPart gives a kept pair, and the share of its kept pairs below 0.1. Judge quality on the "
+        "tables above, not on these: they explain, they do not rank.\n"
     )
     for task, info in q["tasks"].items():
         d = info["diagnostics"]
         top = d["energy_top"]
+        shares = " / ".join(f"{top[k]:.2f}" for k in ("0.01", "0.05", "0.1", "0.2", "0.5") if k in top)
         out.append(
-            f"`{task}`: ‖ΔW‖/‖W_base‖ = {d['delta_rel_norm']:.3f}; energy in the top 5% / 10% / 20% / 50% of "
-            f"singular pairs: {top['0.05']:.2f} / {top['0.1']:.2f} / {top['0.2']:.2f} / {top['0.5']:.2f}.\n"
+            f"`{task}`: ‖ΔW‖/‖W_base‖ = {d['delta_rel_norm']:.4f}; share of ‖ΔW‖² in the top 1% / 5% / 10% / 20% / "
+            f"50% of each matrix's singular pairs: {shares}.\n"
         )
         out.append("| | " + " | ".join(f"CR {r}" for r in ratios) + " |")
         out.append("|---|" + "---|" * len(ratios))
-        keys = list(d["relative_error"][str(ratios[0])])
-        for key in keys:
+        for key in d["relative_error"][str(ratios[0])]:
             cells = [f"{d['relative_error'][str(r)][key]:.3g}" for r in ratios]
             out.append(f"| rel. error {key} | " + " | ".join(cells) + " |")
-        for key in ("impart_b0.8_C1", "impart_b0.6_C0.5"):
-            if key in d["impart_min_keep_prob"]:
+        for key in d["impart_min_keep_prob"]:
+            if key.endswith(("b0.8_C1", "b0.6_C0.5")):
                 cells = [
-                    f"{d['impart_min_keep_prob'][key][str(r)]:.4f} / {100 * d['impart_pairs_below_0.1'][key][str(r)]:.0f}%"
+                    f"{d['impart_min_keep_prob'][key][str(r)]:.4f} / "
+                    f"{100 * d['impart_pairs_below_0.1'][key][str(r)]:.0f}%"
                     for r in ratios
                 ]
-                out.append(f"| {key}: min q_k / kept pairs with q_k < 0.1 | " + " | ".join(cells) + " |")
+                out.append(f"| {key}: min keep fraction / kept pairs below 0.1 | " + " | ".join(cells) + " |")
         out.append("")
     unavailable = {k: v["unavailable"] for k, v in q["meta"]["methods"].items() if v["unavailable"]}
     if unavailable:
@@ -255,27 +286,33 @@ def quality_tables(q: dict) -> str:
     if merging.get("status") != "run":
         out.append(f"Merging (TA / TIES with DARE vs ImPart): not run: {merging.get('reason')}.\n")
     else:
+        mtasks = merging.get("tasks", tasks)
         out.append(
-            "#### Merging the two fine-tunes into one model (test split, % of each fine-tune's gain kept)\n"
+            "#### Merging the fine-tunes into one model (test split, % of each fine-tune's gain kept)\n"
         )
         density = merging["rows"][0].get("density")
         out.append(
-            f"`impart_peft.merge_finetunes(base, [add, extract], method, sparsify, density={density}, seed)`, "
-            "weights 1: each task vector sparsified to CR "
-            f"{1 / density:g} (ImPart at β 0.8, C 1; DARE) before the merge.\n"
+            f"`impart_peft.merge_finetunes(base, [{', '.join(mtasks)}], method, sparsify, density={density}, "
+            "seed)`, weights 1, scaling 1: each task vector sparsified to CR "
+            f"{1 / density:g} (ImPart at β 0.8, C 1; DARE) before the merge; `None` merges the dense task vectors.\n"
         )
-        out.append("| merge | sparsify | seed | " + " | ".join(f"{t} kept %" for t in q["tasks"]) + " |")
-        out.append("|---|---|---|" + "---|" * len(q["tasks"]))
+        out.append(
+            "| merge | sparsify | seed | " + " | ".join(f"{t} kept %" for t in mtasks) + " | mean kept % |"
+        )
+        out.append("|---|---|---|" + "---|" * (len(mtasks) + 1))
         for r in merging["rows"]:
+            mean = sum(r[f"{t}_kept"] for t in mtasks) / len(mtasks)
             out.append(
                 f"| {r['method']} | {r['sparsify']} | {r['seed']} | "
-                + " | ".join(f"{r[f'{t}_kept']:.1f}" for t in q["tasks"])
-                + " |"
+                + " | ".join(f"{r[f'{t}_kept']:.1f}" for t in mtasks)
+                + f" | {mean:.1f} |"
             )
         out.append("")
+    meta = q["meta"]
+    partial = "" if meta.get("complete", True) else " **Partial run**: not every task finished."
     out.append(
-        f"Quality run: {q['meta']['elapsed_s'] / 60:.1f} min, {q['meta']['threads']} thread(s), torch {q['meta']['torch']}, "
-        f"seeds {q['meta']['seeds']}.\n"
+        f"Quality run: {meta['elapsed_s'] / 60:.1f} min, {meta['threads']} thread(s), torch {meta['torch']}, "
+        f"test seeds {meta['seeds']}, command `{meta.get('command', 'python benchmarks/quality.py')}`.{partial}\n"
     )
     return "\n".join(out)
 
@@ -333,7 +370,9 @@ def write_doc(generated: str, path: Path) -> None:
 def main() -> None:
     DOCS.mkdir(exist_ok=True)
     parts = []
-    q_path, s_path = RESULTS / "quality.json", RESULTS / "speed.json"
+    q_path, s_path = RESULTS / "quality_real.json", RESULTS / "speed.json"
+    if not q_path.exists():
+        q_path = RESULTS / "quality_toy.json"
     if q_path.exists():
         q = json.loads(q_path.read_text())
         plot_quality(q, DOCS / "quality_vs_cr.png")

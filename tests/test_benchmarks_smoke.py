@@ -161,3 +161,58 @@ def test_speed_reference_stores_the_same_budget_and_its_masks(tiny_pair):
     assert mask_u.shape == (64, 64) and mask_v.shape == (96, 64)  # the reference must store every mask bit
     rows = S.compression_times(((32, 48),), torch.device("cpu"), lambda _: None)
     assert rows[0]["library_stored_values"] > 0 and rows[0]["reference_s"] > 0
+
+
+def test_reusing_svd_changes_no_bit_of_any_method(tiny_pair):
+    """ReuseSVD (the benchmark's reuse of svd_top results) gives the very same compressed weights."""
+    base, ft, _, _ = tiny_pair
+    base_sd, ft_sd = base.state_dict(), ft.state_dict()
+    deltas = Q.matrix_deltas(base_sd, ft_sd)  # one tensor per matrix for the whole run, as run_task does
+    plan = [("impart", 0), ("impart", 1), ("lowrank", 0), ("impart_qt", 0), ("impart_qt", 1), ("impart", 0)]
+    plan = [(m, s) for m, s in plan if Q.METHODS[m].available() is None]
+
+    def compress_all():
+        out = []
+        for method, seed in plan:
+            params = Q.DEFAULT_IMPART if method.startswith("impart") else {}
+            out.append(
+                Q.compressed_state_dict(base_sd, ft_sd, deltas, Q.METHODS[method], 8, seed, params)[:2]
+            )
+        return out
+
+    plain = compress_all()
+    with Q.ReuseSVD() as reuse:
+        reused = compress_all()
+    assert reuse.hits > 0  # the reuse did happen
+    for (sd_a, stored_a), (sd_b, stored_b) in zip(plain, reused, strict=True):
+        assert stored_a == stored_b
+        assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding(tiny_pair):
+    """The scorer's exact match (argmax at every answer position, terminator included) equals generating greedily
+    and comparing, on id sequences batched the way the real suite batches them: gold answers are the model's own
+    greedy continuations for half the prompts and the same with the last token changed for the other half."""
+    import real_pairs as R
+
+    _, ft, splits, _ = tiny_pair
+    end = P.STOI["."]
+
+    def greedy(prompt, n):
+        out = ft.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=end, pad_token_id=end
+        )
+        return out[0, len(prompt) :].tolist()
+
+    examples = []
+    for i, (prompt, _) in enumerate(splits["test"]):
+        ids = P.encode(prompt)
+        answer = greedy(ids, 4)
+        if i % 2:
+            answer = answer[:-1] + [(answer[-1] + 1) % len(P.CHARS)]
+        examples.append([ids, answer])
+    ref = Q.reference(ft, examples, None, lambda ex: R.example_batch(ex, end))
+    acc = Q.score(ft, ref, with_text=False)["acc"]
+    by_generation = [greedy(p, len(a)) == a for p, a in examples]
+    assert acc == sum(by_generation) / len(examples)
+    assert 0.3 < acc < 0.7  # both outcomes occur: the check is not vacuous
