@@ -95,15 +95,16 @@ def ours(delta: torch.Tensor, name: str):
     m, n = delta.shape
     _, t_masks = timed(
         lambda: (
-            keep_mask(0, name, FACTOR_U, compressed.keep_threshold, m),
-            keep_mask(0, name, FACTOR_V, compressed.keep_threshold, n),
+            keep_mask(0, name, FACTOR_U, compressed.keep_count[0], m),
+            keep_mask(0, name, FACTOR_V, compressed.keep_count[1], n),
         )
     )
     return compressed, rebuilt, t_compress, t_reconstruct, t_masks
 
 
 def reference(delta: torch.Tensor):
-    """The direct transcription: full SVD, the allocation, dense Bernoulli masks, dense rescaled factors."""
+    """The direct transcription: full SVD, the allocation's q_k, dense Bernoulli masks (independent draws at the
+    same q: the estimator without exact counts), dense rescaled factors."""
 
     def compress():
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -147,7 +148,7 @@ def run_size(m: int, n: int, repeats: int) -> dict:
     gu, gs, gv = svd_top(delta, r, torch.float32, "gram")
     gram_kept = (gu * gs[:r]) @ gv.t()
     q_ref = allocation.keep_prob[: allocation.boundary]
-    q_ours = compressed.keep_prob.to(q_ref.dtype)
+    q_ours = compressed.keep_prob[0].to(q_ref.dtype)  # c_k / m: the q the U masks realise
     common = min(q_ref.numel(), q_ours.numel())
     row = {
         "shape": [m, n],

@@ -14,9 +14,7 @@ from impart_peft.delta import check_delta, pairs_needed, svd_top
 from impart_peft.masks import (
     FACTOR_U,
     FACTOR_V,
-    THRESHOLD_ONE,
     keep_mask,
-    keep_prob_from_threshold,
     pack_columns,
     unpack_columns,
 )
@@ -56,24 +54,29 @@ class Sampler:
     ``test_sampler_matches_compress_delta`` pins that this is exactly what compress_delta stores.
     """
 
-    def __init__(self, delta, ratio, beta, exponent=1.0, name="w"):
+    def __init__(self, delta, ratio, beta, exponent=1.0, name="w", allocation="paper"):
         self.delta, self.ratio, self.beta, self.exponent, self.name = delta, ratio, beta, exponent, name
         m, n = delta.shape
         needed = pairs_needed((m, n), ratio, beta)
         self.u, self.sigma, self.v = svd_top(delta, needed, F64, "auto")
-        self.first = compress_delta(delta, ratio, beta, exponent, seed=0, name=name, svd_dtype=F64)
+        self.first = compress_delta(
+            delta, ratio, beta, exponent, seed=0, name=name, svd_dtype=F64, allocation=allocation
+        )
         self.rank = self.first.rank
-        self.threshold = self.first.keep_threshold
-        self.q = keep_prob_from_threshold(self.threshold)
+        self.count = self.first.keep_count
+        m, n = delta.shape
+        # What the masks realise (ALGORITHM.md section 5: q_k = c_k / rows).
+        self.q_u = self.count[0].to(F64) / m
+        self.q_v = self.count[1].to(F64) / n
 
     def compressed(self, seed: int) -> CompressedDelta:
         m, n = self.delta.shape
-        mask_u = keep_mask(seed, self.name, FACTOR_U, self.threshold, m)
-        mask_v = keep_mask(seed, self.name, FACTOR_V, self.threshold, n)
+        mask_u = keep_mask(seed, self.name, FACTOR_U, self.count[0], m)
+        mask_v = keep_mask(seed, self.name, FACTOR_V, self.count[1], n)
         return CompressedDelta(
             shape=(m, n),
             singular_values=self.sigma[: self.rank].float(),
-            keep_threshold=self.threshold,
+            keep_count=self.count,
             u_values=pack_columns(self.u[:, : self.rank], mask_u),
             v_values=pack_columns(self.v[:, : self.rank], mask_v),
             seed=seed,
@@ -86,15 +89,17 @@ class Sampler:
         return (self.u[:, :r] * self.sigma[:r]) @ self.v[:, :r].t()
 
     def closed_form_mse(self) -> float:
-        """ALGORITHM.md section 2: sum over kept pairs of s^2 (1/q^2 - 1), plus s^2 of every dropped pair."""
+        """ALGORITHM.md section 2 with q_k = c_k / rows: sum over kept pairs of s^2 (1/(q_U q_V) - 1) (= 1/q^2 - 1
+        when both factors keep the same fraction), plus s^2 of every dropped pair. Exact for sampling without
+        replacement too: only each element's own keep rate enters E||Ũ_k||^2."""
         sigma = self.sigma.to(F64)
-        kept = sigma[: self.rank] ** 2 * (1 / self.q**2 - 1)
+        kept = sigma[: self.rank] ** 2 * (1 / (self.q_u * self.q_v) - 1)
         return float(kept.sum() + (sigma[self.rank :] ** 2).sum())
 
     def elementwise_variance(self) -> torch.Tensor:
-        """Var[(ΔW_c)_ij] = sum_k s_k^2 u_ik^2 v_jk^2 (1/q_k^2 - 1) (independent masks, zero-mean errors)."""
+        """Var[(ΔW_c)_ij] = sum_k s_k^2 u_ik^2 v_jk^2 (1/(q_U q_V) - 1) (U and V masks independent)."""
         r = self.rank
-        weight = self.sigma[:r].to(F64) ** 2 * (1 / self.q**2 - 1)
+        weight = self.sigma[:r].to(F64) ** 2 * (1 / (self.q_u * self.q_v) - 1)
         return (self.u[:, :r] ** 2 * weight) @ (self.v[:, :r] ** 2).t()
 
     def unrescaled(self, compressed: CompressedDelta, masks) -> torch.Tensor:
@@ -155,7 +160,7 @@ def test_sampler_matches_compress_delta():
 def test_unbiased_when_every_pair_is_kept_and_unrescaled_variant_fails():
     # Rank 6, budget 4.3 pairs, no pre-pruning: every pair has 0 < q_k <= 1, so E[ΔW_c] = ΔW exactly.
     sampler = Sampler(matrix_with_spectrum(40, 30, [6.0, 5.0, 4.0, 3.0, 2.5, 2.0]), 4.0, 0.0)
-    assert sampler.rank == 6 and (sampler.q > 0).all() and (sampler.q < 1).sum() >= 4
+    assert sampler.rank == 6 and (sampler.q_u > 0).all() and (sampler.q_u < 1).sum() >= 4
     assert torch.allclose(sampler.kept_part(), sampler.delta, atol=1e-12)
     samples, unrescaled = draw(sampler, 400)
     assert unbiasedness_check(samples, sampler) == {"mean": True, "elements": True, "mse": True}
@@ -168,11 +173,13 @@ def test_unbiased_when_every_pair_is_kept_and_unrescaled_variant_fails():
 
 
 def test_closed_form_error_counts_the_dropped_pairs():
-    # A full-rank delta with pre-pruning: pairs past the boundary are dropped whole and add sigma_k^2.
+    # A full-rank delta with pre-pruning: pairs past the boundary are dropped whole and add sigma_k^2. (The
+    # rescaled rule keeps more pairs at lower q here, so both terms of the closed form matter.)
     delta = matrix_with_spectrum(36, 28, torch.linspace(3.0, 0.5, 28))
-    sampler = Sampler(delta, 2.0, 0.6, exponent=0.5)
-    assert sampler.rank == 11 and float(sampler.q.min()) > 0.4  # (a tiny q_k makes the error heavy-tailed)
-    assert sampler.closed_form_mse() > 1.5 * float((sampler.sigma[11:] ** 2).sum())
+    sampler = Sampler(delta, 2.0, 0.6, exponent=0.5, allocation="rescaled")
+    r = sampler.rank
+    assert 0 < r < 28 and float(sampler.q_u.min()) > 0.4  # (a tiny q_k makes the error heavy-tailed)
+    assert sampler.closed_form_mse() > 1.2 * float((sampler.sigma[r:] ** 2).sum())
     samples, unrescaled = draw(sampler, 400)
     assert unbiasedness_check(samples, sampler) == {"mean": True, "elements": True, "mse": True}
     result = unbiasedness_check(unrescaled, sampler)
@@ -184,8 +191,9 @@ def test_rescale_uses_the_stored_keep_probability():
     u_tilde, sigma, v_tilde = compressed.factors(F64)
     mask_u, mask_v = compressed.masks()
     q = compressed.keep_prob
-    assert torch.equal(u_tilde, unpack_columns(compressed.u_values.to(F64), mask_u) * (1 / q))
-    assert torch.equal(v_tilde, unpack_columns(compressed.v_values.to(F64), mask_v) * (1 / q))
+    assert torch.equal(q, compressed.keep_count.to(F64) / torch.tensor([[30.0], [20.0]], dtype=F64))
+    assert torch.equal(u_tilde, unpack_columns(compressed.u_values.to(F64), mask_u) * (1 / q[0]))
+    assert torch.equal(v_tilde, unpack_columns(compressed.v_values.to(F64), mask_v) * (1 / q[1]))
     assert torch.equal(sigma, compressed.singular_values.to(F64))
     expected = (u_tilde.float() * compressed.singular_values) @ v_tilde.float().t()
     assert torch.allclose(compressed.reconstruct(), expected, atol=1e-5)
@@ -200,46 +208,43 @@ SHAPES = {"square": (96, 96), "wide": (48, 160), "tall": (160, 48)}
 @pytest.mark.parametrize("ratio", [2, 3, 4, 8, 16, 32, 64, 128])
 def test_budget_stored_values(kind, ratio):
     m, n = SHAPES[kind]
-    compressed = compress_delta(random_delta(m, n, seed=ratio), ratio, 0.8, 1.0, seed=ratio, name=kind)
-    q = compressed.keep_prob
-    expected = float(q.sum()) * (m + n)
-    # Expected factor values meet (1 - alpha) * m * n = m * n / CR to within one element ...
-    assert abs(expected - m * n / ratio) <= 1.0
-    # ... and the realised count of the seeded masks is within a few binomial standard deviations of it.
-    stored = compressed.num_factor_values
-    sd = math.sqrt(float((q * (1 - q)).sum()) * (m + n))
-    assert abs(stored - expected) <= 5 * sd + 1, (stored, expected, sd)
-    assert stored == int(compressed.masks()[0].sum() + compressed.masks()[1].sum())
+    for rule in ("paper", "rescaled"):
+        compressed = compress_delta(
+            random_delta(m, n, seed=ratio), ratio, 0.8, 1.0, seed=ratio, name=kind, allocation=rule
+        )
+        # Exact counts: the stored factor values are floor(m n / CR), whatever the seed, known before sampling.
+        stored = compressed.num_factor_values
+        assert stored == math.floor(m * n / ratio + 1e-6) == int(compressed.keep_count.sum())
+        mask_u, mask_v = compressed.masks()
+        assert mask_u.sum(0).tolist() == compressed.keep_count[0].tolist()
+        assert mask_v.sum(0).tolist() == compressed.keep_count[1].tolist()
     assert compressed.num_stored_values == stored + compressed.rank
     assert compressed.value_compression_ratio == pytest.approx(m * n / compressed.num_stored_values)
 
 
-def test_realised_count_over_many_seeds_is_binomial():
+def test_stored_count_is_the_same_for_every_seed():
+    # Bernoulli masks would make the count (and the file size) a random variable; exact counts do not.
     m, n, ratio = 64, 80, 16.0
     delta = random_delta(m, n, seed=5)
-    counts = torch.tensor(
-        [compress_delta(delta, ratio, 0.8, 1.0, seed=s).num_factor_values for s in range(60)], dtype=F64
-    )
-    q = compress_delta(delta, ratio, 0.8, 1.0, seed=0).keep_prob
-    mean, var = float(q.sum()) * (m + n), float((q * (1 - q)).sum()) * (m + n)
-    assert abs(float(counts.mean()) - mean) < 4 * math.sqrt(var / 60)
-    assert 0.4 * var < float(counts.var()) < 2.0 * var
+    results = [compress_delta(delta, ratio, 0.8, 1.0, seed=s) for s in range(20)]
+    assert {r.num_factor_values for r in results} == {m * n // 16}
+    assert all(torch.equal(r.keep_count, results[0].keep_count) for r in results)
+    assert len({r.u_values.sum().item() for r in results}) > 10  # ... while the kept elements differ
 
 
 def test_bytes_on_disk():
     delta = random_delta(64, 48, dtype=torch.bfloat16)
     compressed = compress_delta(delta, 8.0, 0.8, 1.0)
-    assert set(compressed.state_dict()) == {"singular_values", "keep_threshold", "u_values", "v_values"}
+    assert set(compressed.state_dict()) == {"singular_values", "keep_count", "u_values", "v_values"}
     assert compressed.u_values.dtype == torch.bfloat16 and compressed.v_values.dtype == torch.bfloat16
-    assert (
-        compressed.singular_values.dtype == torch.float32 and compressed.keep_threshold.dtype == torch.int64
-    )
+    assert compressed.singular_values.dtype == torch.float32 and compressed.keep_count.dtype == torch.int32
     r = compressed.rank
+    assert compressed.keep_count.shape == (2, r)
     assert compressed.nbytes == 2 * compressed.num_factor_values + 4 * r + 8 * r
     assert compressed.dense_nbytes == 64 * 48 * 2
     assert compressed.disk_compression_ratio == pytest.approx(compressed.dense_nbytes / compressed.nbytes)
     assert compressed.compression_ratio == 8.0
-    # The factors meet the nominal ratio; sigma and the thresholds (12 bytes a pair) are the overhead.
+    # The factors meet the nominal ratio; sigma and the two int32 counts (12 bytes a pair) are the overhead.
     assert compressed.disk_compression_ratio < 8.0
 
 
@@ -276,7 +281,7 @@ def test_gram_route_handles_rank_deficiency():
     assert torch.isfinite(u).all() and torch.isfinite(v).all()
     assert float(s[3]) < 1e-5 * float(s[0])  # the null directions are counted as zero
     compressed = compress_delta(delta, 2.0, 0.5, 1.0, svd_method="gram")
-    assert compressed.rank == 3 and (compressed.keep_threshold == THRESHOLD_ONE).all()
+    assert compressed.rank == 3 and compressed.keep_count.tolist() == [[50] * 3, [70] * 3]
     assert torch.allclose(compressed.reconstruct(), delta, atol=1e-5)
 
 
@@ -289,7 +294,7 @@ def test_methods_agree_and_auto_picks_the_right_one():
     for key, tensor in gram.state_dict().items():
         assert torch.equal(auto.state_dict()[key], tensor), key  # auto = gram when only the top pairs count
     assert gram.rank == exact.rank
-    assert (gram.keep_threshold - exact.keep_threshold).abs().max() < 2**32 * 1e-4
+    assert (gram.keep_count - exact.keep_count).abs().max() <= 1
     assert torch.allclose(gram.reconstruct(), exact.reconstruct(), atol=1e-4)
     lossless = compress_delta(delta, None)
     lossless_svd = compress_delta(delta, None, svd_method="svd")
@@ -314,7 +319,9 @@ def test_pairs_needed():
     assert pairs_needed((64, 64), None, 0.9) == 64
     for shape, ratio, beta in [((64, 40), 3.0, 0.5), ((40, 64), 8.0, 0.8), ((64, 64), 1.5, 0.0)]:
         sigma = torch.linspace(1.0, 0.9, min(shape))  # flat: no clipping, the boundary is as far as it goes
-        assert allocate_keep_prob(sigma, shape, ratio, beta).boundary <= pairs_needed(shape, ratio, beta)
+        for rule in ("paper", "rescaled"):
+            got = allocate_keep_prob(sigma, shape, ratio, beta, rule=rule)
+            assert got.boundary <= pairs_needed(shape, ratio, beta)
 
 
 # ------------------------------------------------------------------------------------------- edge cases
@@ -330,7 +337,7 @@ def test_zero_delta_stores_nothing():
 def test_rank_deficient_delta_is_kept_whole_when_under_budget():
     delta = matrix_with_spectrum(40, 30, [3.0, 2.0], dtype=torch.float32)
     compressed = compress_delta(delta, 2.0, 0.8, 1.0)
-    assert compressed.rank == 2 and (compressed.keep_threshold == THRESHOLD_ONE).all()
+    assert compressed.rank == 2 and compressed.keep_count.tolist() == [[40, 40], [30, 30]]
     assert compressed.num_factor_values == 2 * 70
     assert torch.allclose(compressed.reconstruct(), delta, atol=1e-5)
 
@@ -340,9 +347,9 @@ def test_single_pair_delta(shape):
     delta = random_delta(*shape, seed=2)
     ratio = 4.0
     compressed = compress_delta(delta, ratio, 0.8, 1.0)
-    q = float(compressed.keep_prob[0])
-    assert compressed.rank == 1 and q == pytest.approx(target_keep_fraction(shape, ratio), abs=1e-9)
-    assert q * 65 == pytest.approx(64 / ratio)
+    assert compressed.rank == 1 and compressed.num_factor_values == 64 // ratio
+    long = 0 if shape[0] == 64 else 1
+    assert compressed.keep_count[1 - long].tolist() == [1]  # the one-row factor keeps its one row
     # One pair, nothing dropped: unbiased, with the closed-form error; without the rescale it is not.
     sampler = Sampler(delta, ratio, 0.8)
     samples, unrescaled = draw(sampler, 200)
@@ -352,17 +359,23 @@ def test_single_pair_delta(shape):
 
 
 def test_all_sigma_equal_gets_a_uniform_allocation():
-    # A scaled orthogonal matrix: every sigma is 2 up to the SVD's rounding.
+    # A scaled orthogonal matrix: every sigma is 2 up to the SVD's rounding. The paper's rule keeps whole pairs
+    # (uniform q = 1), the rescaled rule spreads the budget over the 25 pre-pruned pairs (uniform q).
     q_mat, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
-    compressed = compress_delta(2.0 * q_mat, 8.0, 0.6, 1.0)
+    paper = compress_delta(2.0 * q_mat, 8.0, 0.6, 1.0)
+    assert paper.keep_count.tolist() == [[64] * 4, [64] * 4]
+    rescaled = compress_delta(2.0 * q_mat, 8.0, 0.6, 1.0, allocation="rescaled")
     budget = target_keep_fraction((64, 64), 8.0) * 64
-    assert compressed.rank == 25
-    assert torch.allclose(compressed.keep_prob, torch.full((25,), budget / 25, dtype=F64), atol=1e-9)
+    assert rescaled.rank == 25
+    uniform = round(budget / 25 * 64)
+    # The last pair takes the rest of the budget.
+    assert rescaled.keep_count[:, :-1].tolist() == [[uniform] * 24, [uniform] * 24]
+    assert rescaled.num_factor_values == 64 * 64 // 8
 
 
 def test_pre_pruning_over_budget_lowers_it():
     compressed = compress_delta(random_delta(64, 64), 2.0, 0.9, 1.0)
-    assert compressed.rank == 16 and (compressed.keep_threshold == THRESHOLD_ONE).all()
+    assert compressed.rank == 16 and compressed.keep_count.tolist() == [[64] * 16, [64] * 16]
     assert compressed.num_factor_values == 64 * 64 // 2
 
 
@@ -390,7 +403,7 @@ def test_state_dict_roundtrip_through_safetensors(tmp_path):
     compressed = compress_delta(random_delta(40, 56, dtype=torch.float16), 8.0, 0.7, 0.5, seed=12, name="l.q")
     save_file(compressed.state_dict(), tmp_path / "c.safetensors")
     loaded = CompressedDelta.from_state_dict(
-        load_file(tmp_path / "c.safetensors"), (40, 56), seed=12, name="l.q", check_counts=True
+        load_file(tmp_path / "c.safetensors"), (40, 56), seed=12, name="l.q"
     )
     assert torch.equal(loaded.reconstruct(), compressed.reconstruct())
 
@@ -403,31 +416,31 @@ def test_from_state_dict_rejects_mismatches():
     compressed = compress_delta(random_delta(40, 30), 4.0, 0.6, 1.0, seed=1, name="m")
     good = _tensors(compressed)
     load = CompressedDelta.from_state_dict
-    load(good, (40, 30), 1, "m", check_counts=True)
+    load(good, (40, 30), 1, "m")
 
     cases = []
     bad = _tensors(compressed)
     del bad["u_values"]
     cases.append((bad, (40, 30), "missing tensors"))
     bad = _tensors(compressed)
-    bad["keep_threshold"] = bad["keep_threshold"][:-1]
-    cases.append((bad, (40, 30), "keep thresholds for"))
+    bad["keep_count"] = bad["keep_count"][:, :-1]
+    cases.append((bad, (40, 30), r"keep_count has shape \(2, \d+\), expected \(2, \d+\)"))
     bad = _tensors(compressed)
     bad["u_values"] = bad["u_values"].reshape(1, -1)
     cases.append((bad, (40, 30), "u_values must be 1-D"))
     bad = _tensors(compressed)
-    bad["keep_threshold"] = bad["keep_threshold"].double()
-    cases.append((bad, (40, 30), "keep_threshold must be an integer tensor"))
+    bad["keep_count"] = bad["keep_count"].double()
+    cases.append((bad, (40, 30), "keep_count must be an integer tensor"))
     bad = _tensors(compressed)
-    bad["keep_threshold"][-1] = 0
-    cases.append((bad, (40, 30), r"keep_threshold values must lie in \[1, 2\*\*32\]"))
+    bad["keep_count"][0, -1] = 0
+    cases.append((bad, (40, 30), r"keep counts of U lie in \[0, \d+\], expected \[1, 40\]"))
     bad = _tensors(compressed)
-    bad["keep_threshold"][0] = THRESHOLD_ONE + 1
-    cases.append((bad, (40, 30), r"keep_threshold values must lie"))
+    bad["keep_count"][1, 0] = 31
+    cases.append((bad, (40, 30), r"keep counts of V lie in \[\d+, 31\], expected \[1, 30\]"))
     cases.append((good, (40, 2), "singular pairs for a 40 x 2 matrix"))
     bad = _tensors(compressed)
     bad["u_values"] = torch.zeros(compressed.rank * 40 + 1)
-    cases.append((bad, (40, 30), r"u_values holds \d+ values, more than the \d+ x 40 factor"))
+    cases.append((bad, (40, 30), r"u_values holds \d+ values but keep_count says \d+"))
     cases.append((good, (40,), "shape must be two positive sizes"))
     cases.append((good, (0, 30), "shape must be two positive sizes"))
     for tensors, shape, message in cases:
@@ -435,22 +448,15 @@ def test_from_state_dict_rejects_mismatches():
             load(tensors, shape, 1, "m")
 
 
-def test_wrong_counts_are_caught_at_load_or_reconstruct():
+def test_wrong_counts_are_caught_at_load_without_making_a_mask():
+    # The counts say how many values each factor holds, so a file with one value too many (or too few) is refused
+    # from its header alone, before any hash is computed.
     compressed = compress_delta(random_delta(40, 30), 4.0, 0.6, 1.0, seed=1, name="m")
-    bad = _tensors(compressed)
-    bad["v_values"] = torch.cat([bad["v_values"], torch.zeros(1)])
-    with pytest.raises(
-        ValueError, match="v_values holds .* values but the mask regenerated from the seed keeps"
-    ):
-        CompressedDelta.from_state_dict(bad, (40, 30), 1, "m", check_counts=True)
-    lazy = CompressedDelta.from_state_dict(bad, (40, 30), 1, "m")
-    with pytest.raises(ValueError, match="packed factor holds"):
-        lazy.reconstruct()
-    # Another seed or module name regenerates other masks: caught the same way.
-    with pytest.raises(ValueError, match="mask regenerated from the seed"):
-        CompressedDelta.from_state_dict(_tensors(compressed), (40, 30), 2, "m", check_counts=True)
-    with pytest.raises(ValueError, match="mask regenerated from the seed"):
-        CompressedDelta.from_state_dict(_tensors(compressed), (40, 30), 1, "other", check_counts=True)
+    for delta_count in (1, -1):
+        bad = _tensors(compressed)
+        bad["v_values"] = torch.zeros(compressed.v_count + delta_count)
+        with pytest.raises(ValueError, match=r"v_values holds \d+ values but keep_count says \d+"):
+            CompressedDelta.from_state_dict(bad, (40, 30), 1, "m")
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -511,7 +517,7 @@ def test_cuda_compression_loads_on_the_cpu(method):
     on_gpu = compress_delta(delta.cuda(), 8.0, 0.7, 1.0, seed=2, name="g", svd_method=method)
     assert on_gpu.u_values.device.type == "cuda"
     tensors = {k: v.cpu() for k, v in on_gpu.state_dict().items()}
-    on_cpu = CompressedDelta.from_state_dict(tensors, (96, 64), 2, "g", check_counts=True)
+    on_cpu = CompressedDelta.from_state_dict(tensors, (96, 64), 2, "g")
     mask_u, mask_v = on_gpu.masks()
     assert torch.equal(mask_u.cpu(), on_cpu.masks()[0]) and torch.equal(mask_v.cpu(), on_cpu.masks()[1])
     assert torch.allclose(on_gpu.reconstruct().cpu(), on_cpu.reconstruct(), atol=1e-5)

@@ -23,7 +23,6 @@ from impart_peft.quantization import (
     QuantizationScheme,
     QuantizedDelta,
     allocate_bit_budget,
-    allocate_keep_fraction,
     compress_delta_quantized,
     dequantize_values,
     expected_payload_bits,
@@ -199,28 +198,29 @@ def test_bit_budget_is_spent_and_keeps_more_values():
             assert planned.expected_bits <= budget
             # The bisection stops within a sliver of the budget (it is spent, not left on the table).
             assert planned.expected_bits > 0.98 * budget, (ratio, bits, planned.expected_bits / budget)
-            assert planned.expected_bits == pytest.approx(
-                expected_payload_bits(planned.allocation.keep_prob, planned.pair_bits, (256, 512), 128)
+            assert planned.expected_bits == expected_payload_bits(
+                planned.allocation.keep_count, planned.pair_bits, 128
             )
             # 16-bit values at the same ratio would keep budget / 16 values; b-bit codes keep about 16 / b times
             # as many (less the scales' 16 bits per group of 128).
-            kept = float(planned.allocation.keep_prob.sum()) * (256 + 512)
+            kept = int(planned.allocation.keep_count.sum())
             assert kept > {2: 6.5, 4: 3.4}.get(bits[0], 2) * budget / 16, (ratio, bits, kept)
 
 
 def test_allocation_by_keep_fraction_is_allocate_keep_prob():
-    # The bit budget drives ImPart's own allocation: for every ratio allocate_keep_prob accepts, the same result
-    # bit for bit when the budget is given as the mean keep probability.
+    # The bit budget drives ImPart's own allocation routine: for every ratio, the same result bit for bit when the
+    # budget is given as the mean keep probability (one routine serves ImPart and ImPart-QT).
     for shape, seed in (((256, 512), 0), ((96, 64), 1), ((40, 40), 2)):
         sigma = torch.linalg.svdvals(low_rank_delta(*shape, seed=seed))
         for ratio in (1.05, 2, 4, 16, 100):
             for beta in (0.0, 0.5, 0.9):
                 for exponent in (0.5, 1.0, 2.0):
                     expected = allocate_keep_prob(sigma, shape, ratio, beta, exponent)
-                    got = allocate_keep_fraction(
-                        sigma, shape, target_keep_fraction(shape, ratio), beta, exponent
+                    got = allocate_keep_prob(
+                        sigma, shape, None, beta, exponent, mean_keep=target_keep_fraction(shape, ratio)
                     )
                     assert torch.equal(got.keep_prob, expected.keep_prob), (shape, ratio, beta, exponent)
+                    assert torch.equal(got.keep_count, expected.keep_count), (shape, ratio, beta, exponent)
                     assert (got.boundary, got.gamma, got.pre_prune_lowered) == (
                         expected.boundary,
                         expected.gamma,
@@ -228,11 +228,11 @@ def test_allocation_by_keep_fraction_is_allocate_keep_prob():
                     )
     # ... and beyond them: more than m * n values (a value ratio below 1), which b-bit codes can pay for.
     sigma = torch.linalg.svdvals(low_rank_delta(64, 64))
-    wide = allocate_keep_fraction(sigma, (64, 64), 0.9, 0.8, 1.0)
-    assert float(wide.keep_prob.sum()) == pytest.approx(0.9 * 64)
+    wide = allocate_keep_prob(sigma, (64, 64), None, 0.8, 1.0, mean_keep=0.9)
+    assert int(wide.keep_count.sum()) == math.floor(0.9 * 64 * 128)
     assert bool((wide.keep_prob[1:] <= wide.keep_prob[:-1]).all())
     with pytest.raises(ValueError, match="mean_keep must be in"):
-        allocate_keep_fraction(sigma, (64, 64), 1.5)
+        allocate_keep_prob(sigma, (64, 64), None, mean_keep=1.5)
 
 
 def test_low_bits_keep_more_values_than_the_dense_matrix_has():
@@ -242,7 +242,7 @@ def test_low_bits_keep_more_values_than_the_dense_matrix_has():
     planned = allocate_bit_budget(
         sigma, (256, 256), 8, QuantizationScheme.parse([2]), 32, pre_prune_ratio=0.9
     )
-    kept = float(planned.allocation.keep_prob.sum()) * 512
+    kept = int(planned.allocation.keep_count.sum())
     assert kept > 1.8 * 256 * 256
     assert 0.98 * planned.budget_bits < planned.expected_bits <= planned.budget_bits
 
@@ -290,10 +290,11 @@ def test_compress_quantized_matrix():
 def test_corrupt_or_mismatched_quantized_delta_is_refused():
     delta = low_rank_delta(64, 96)
     compressed = compress_delta_quantized(delta, 24, [4, 2], seed=1, name="m")
-    assert bool((compressed.keep_threshold[1:] < 2**32).all())  # sparse columns: masks depend on the seed
+    assert bool((compressed.keep_count[0] < 64).any())  # a sparse column: its mask depends on the seed
     tensors = compressed.state_dict()
-    with pytest.raises(ValueError, match="another seed or module name"):
-        QuantizedDelta.from_state_dict(tensors, (64, 96), compressed.meta(), seed=2, name="m").reconstruct()
+    bad = dict(tensors, keep_count=tensors["keep_count"][:, :-1])
+    with pytest.raises(ValueError, match=r"keep_count has shape \(2, \d+\)"):
+        QuantizedDelta.from_state_dict(bad, (64, 96), compressed.meta(), seed=1, name="m")
     bad = dict(tensors, u_codes=tensors["u_codes"][:-1])
     with pytest.raises(ValueError, match="factor U: packed codes hold"):
         QuantizedDelta.from_state_dict(bad, (64, 96), compressed.meta(), seed=1, name="m").reconstruct()
@@ -411,7 +412,7 @@ def test_on_disk_ratio_matches_the_bits_asked_for(wide_pair, tmp_path):
     for m in matrices:
         # bits(codes) + bits(scales) is the budget: the nominal ratio is the one asked for, counted in bits ...
         assert m.nominal_ratio == pytest.approx(24, rel=0.03), m.name
-        # ... and the file holds exactly those bytes plus sigma (float32) and the thresholds (int64) per pair.
+        # ... and the file holds exactly those bytes plus sigma (float32) and the two keep counts (int32) per pair.
         meta = summary.config.module_meta[m.name]["quantized"]
         prefix = f"base_model.model.{m.name}."
         entry = header[prefix + "impart_u_codes"]

@@ -8,6 +8,7 @@ import struct
 from typing import Any
 
 __all__ = [
+    "ADAPTER_FORMAT_VERSION",
     "ADAPTER_WEIGHTS_NAME",
     "expected_adapter_tensors",
     "read_safetensors_header",
@@ -15,6 +16,9 @@ __all__ = [
 ]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# Version 2: exact-count masks, ``impart_keep_count (2, r)`` on disk (version 1, never released, stored Bernoulli
+# keep thresholds). Bump it whenever the tensors on disk, or how masks are regenerated from them, change.
+ADAPTER_FORMAT_VERSION = 2
 _DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64"}
 
 
@@ -67,7 +71,7 @@ def expected_adapter_tensors(module_meta: dict[str, dict[str, Any]]) -> dict[str
                 expected[prefix + "impart_u_values"] = (value_dtype, [int(meta["u_count"])])
                 expected[prefix + "impart_v_values"] = (value_dtype, [int(meta["v_count"])])
             expected[prefix + "impart_singular_values"] = ("F32", [rank])
-            expected[prefix + "impart_keep_threshold"] = ("I64", [rank])
+            expected[prefix + "impart_keep_count"] = ("I32", [2, rank])
         vector_dtype = _DTYPE_NAMES.get(meta.get("vector_dtype", "float32"))
         for param_name, length in meta.get("vectors", {}).items():
             expected[prefix + f"impart_delta_{param_name}"] = (vector_dtype, [int(length)])

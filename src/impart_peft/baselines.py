@@ -22,7 +22,7 @@ import torch
 
 from .allocation import check_compression_ratio
 from .delta import check_delta, dtype_bits, svd_top
-from .masks import FACTOR_U, keep_mask, stream_key
+from .masks import FACTOR_U, bernoulli_mask, stream_key
 
 __all__ = ["DareDelta", "LowRankDelta", "MagnitudeDelta", "dare_delta", "lowrank_delta", "magnitude_delta"]
 
@@ -70,7 +70,7 @@ class DareDelta(_Ratios):
         m, n = self.shape
         device = torch.device(device) if device is not None else torch.device("cpu")
         threshold = torch.full((m,), self.keep_threshold, dtype=torch.int64, device=device)
-        return keep_mask(self.seed, self.name, FACTOR_U, threshold, n, device=device).t()
+        return bernoulli_mask(self.seed, self.name, FACTOR_U, threshold, n, device=device).t()
 
     @property
     def num_stored_values(self) -> int:

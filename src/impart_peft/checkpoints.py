@@ -1036,9 +1036,9 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:
             other[key] = end - start
             continue
         bytes_by_module[module] = bytes_by_module.get(module, 0) + end - start
-        # Thresholds encode q_k: bookkeeping, not values; ImPart-QT's codes are counted from u_count / v_count below.
+        # Keep counts are bookkeeping, not values; ImPart-QT's codes are counted from u_count / v_count below.
         if param not in (
-            "impart_keep_threshold",
+            "impart_keep_count",
             "impart_u_codes",
             "impart_v_codes",
             "impart_u_scales",

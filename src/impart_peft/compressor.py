@@ -152,6 +152,7 @@ def compress_module(
                 name=plan.name,
                 svd_dtype=getattr(torch, config.svd_dtype),
                 reference_dtype=ft_weight.dtype,
+                allocation=config.allocation,
             )
             meta["rank"] = compressed.rank
             meta["u_count"] = compressed.u_count
@@ -169,6 +170,7 @@ def compress_module(
                 name=plan.name,
                 svd_dtype=getattr(torch, config.svd_dtype),
                 storage_dtype=ft_weight.dtype,
+                allocation=config.allocation,
             )
             meta["rank"] = compressed.rank
             meta["u_count"] = int(compressed.u_values.numel())

@@ -8,8 +8,13 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .adapter_io import validate_adapter_folder
-from .allocation import check_compression_ratio, check_importance_exponent, check_pre_prune_ratio
+from .adapter_io import ADAPTER_FORMAT_VERSION, validate_adapter_folder
+from .allocation import (
+    ALLOCATION_RULES,
+    check_compression_ratio,
+    check_importance_exponent,
+    check_pre_prune_ratio,
+)
 from .quantization import QuantizationScheme
 from .registration import IMPART_PEFT_TYPE
 
@@ -28,6 +33,9 @@ class ImPartConfig(PeftConfig):
             the merged model is the fine-tune to float error (for checks, not for shipping).
         pre_prune_ratio: beta in ``[0, 1)``: the fraction of the smallest singular pairs dropped whole.
         importance_exponent: C ``> 0`` in ``p_k = gamma * (1 - (sigma_k / sigma_1) ** C)``.
+        allocation: the allocation rule: ``"paper"`` (default: the authors' code, gamma fixed, whole pairs dropped
+            from the end, every kept pair at ``q_k >= 1 - gamma``) or ``"rescaled"`` (this project's first reading:
+            gamma re-solved so the mean is exact; it can keep pairs at tiny ``q_k``). See docs/algorithm.md.
         seed: non-negative integer; the masks are a pure function of (seed, module name, factor, column, row).
         target_modules: module names to compress, or ``None`` for every module a full fine-tune changes: each
             ``nn.Linear`` / ``Conv1D``, the input embeddings and the output head, and the 1-D parameters of the
@@ -59,12 +67,15 @@ class ImPartConfig(PeftConfig):
                  "quantized": {"bits": [[8, 1], [2, 5]], "group_size": 128,  # ImPart-QT only: bits per pair
                                "u_bytes": int, "v_bytes": int, "u_groups": int, "v_groups": int}}
         base_fingerprint: per module name, a few sampled base weights (the base check).
+        format_version: the on-disk format of the adapter's tensors (:data:`~impart_peft.adapter_io.ADAPTER_FORMAT_VERSION`),
+            recorded by the compressor; a loader refuses a compressed adapter of another version.
         finetuned_model_name_or_path: where the fine-tune came from (for the model card).
     """
 
     compression_ratio: float | None = field(default=16.0, metadata={"help": "dense values / stored values"})
     pre_prune_ratio: float = field(default=0.8, metadata={"help": "beta: fraction of pairs dropped whole"})
     importance_exponent: float = field(default=1.0, metadata={"help": "C: exponent of sigma_k / sigma_1"})
+    allocation: Literal["paper", "rescaled"] = field(default="paper", metadata={"help": "allocation rule"})
     seed: int = field(default=0, metadata={"help": "seed of the deterministic masks"})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to compress"})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to leave out"})
@@ -79,6 +90,7 @@ class ImPartConfig(PeftConfig):
     )
     base_fingerprint: dict[str, list[float]] = field(default_factory=dict, metadata={"help": "base samples"})
     finetuned_model_name_or_path: str | None = field(default=None, metadata={"help": "source fine-tune"})
+    format_version: int | None = field(default=None, metadata={"help": "on-disk format of the tensors"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +98,22 @@ class ImPartConfig(PeftConfig):
         check_compression_ratio(self.compression_ratio)
         check_pre_prune_ratio(self.pre_prune_ratio)
         check_importance_exponent(self.importance_exponent)
+        if self.allocation not in ALLOCATION_RULES:
+            raise ValueError(f"allocation must be one of {ALLOCATION_RULES}, got {self.allocation!r}")
+        if not self.module_meta:  # a config to compress with: what it will write is this version
+            self.format_version = ADAPTER_FORMAT_VERSION
+        elif self.format_version != ADAPTER_FORMAT_VERSION:
+            found = (
+                "no format version (written before impart-peft recorded one, with Bernoulli masks)"
+                if self.format_version is None
+                else f"format version {self.format_version!r}"
+            )
+            raise ValueError(
+                f"this ImPart adapter has {found}, but this impart-peft reads format version "
+                f"{ADAPTER_FORMAT_VERSION} (exact-count masks, keep counts on disk): its masks cannot be regenerated. "
+                "Compress the fine-tune again with this version (from_finetuned or `impart compress`), or load it with "
+                "the impart-peft release that wrote it"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.svd_dtype not in ("float32", "float64"):

@@ -3,12 +3,14 @@
 ``compress_delta`` turns a dense delta ``(m, n)`` into a :class:`CompressedDelta` that holds only
 
 * ``singular_values`` float32 ``(r,)``: the kept sigma_k (r = pairs with q_k > 0),
-* ``keep_threshold`` int64 ``(r,)``: q_k as an integer threshold (``q_k = keep_threshold / 2**32``),
+* ``keep_count`` int32 ``(2, r)``: how many rows column k of U (row 0) and of V (row 1) keeps, ``c_k = round(q_k
+  * rows)`` (exact counts, ALGORITHM.md section 5),
 * ``u_values`` / ``v_values`` 1-D, storage dtype: the kept elements of U[:, :r] and V[:, :r], packed column by
-  column. No indices, no mask: the mask is regenerated from (seed, name, factor, column, row).
+  column (``keep_count[0].sum()`` and ``keep_count[1].sum()`` values). No indices, no mask: the mask is
+  regenerated from (seed, name, factor, column, row).
 
-``reconstruct`` gives ``ΔW_c = Ũ diag(sigma) Ṽᵀ`` with ``Ũ = U ⊙ mask / q`` (the unbiased estimator of
-ALGORITHM.md section 2). Pure torch: no PEFT.
+``reconstruct`` gives ``ΔW_c = Ũ diag(sigma) Ṽᵀ`` with ``Ũ = U ⊙ mask · m / c`` (the unbiased estimator of
+ALGORITHM.md section 2 with ``q_k = c_k / m``). Pure torch: no PEFT.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .allocation import (
+    ALLOCATION_RULES,
     allocate_keep_prob,
     check_compression_ratio,
     check_importance_exponent,
@@ -29,10 +32,7 @@ from .allocation import (
 from .masks import (
     FACTOR_U,
     FACTOR_V,
-    THRESHOLD_ONE,
     keep_mask,
-    keep_prob_from_threshold,
-    keep_threshold_from_prob,
     pack_columns,
     stream_key,
     unpack_columns,
@@ -41,6 +41,8 @@ from .masks import (
 __all__ = [
     "SVD_METHODS",
     "CompressedDelta",
+    "SparseFactors",
+    "check_keep_count",
     "check_delta",
     "compress_delta",
     "dtype_bits",
@@ -195,19 +197,43 @@ def pairs_needed(shape: tuple[int, int], compression_ratio: float | None, pre_pr
     return min(rank, max(pre_prune_boundary(rank, pre_prune_ratio), math.ceil(budget - 1e-9)))
 
 
-@dataclass
-class CompressedDelta:
-    """An ImPart-compressed delta of one matrix. See the module docstring for the tensors it holds."""
+def check_keep_count(keep_count: torch.Tensor, shape: tuple[int, int], rank: int, name: str) -> torch.Tensor:
+    """``keep_count`` as int32 ``(2, rank)`` (the on-disk dtype) after checking it against the matrix: raises
+    ``ValueError`` naming the module, what was found and what was expected."""
+    m, n = shape
+    if keep_count.is_floating_point() or keep_count.is_complex() or keep_count.dtype == torch.bool:
+        raise ValueError(
+            f"compressed delta {name!r}: keep_count must be an integer tensor, got {keep_count.dtype}"
+        )
+    if tuple(keep_count.shape) != (2, rank):
+        raise ValueError(
+            f"compressed delta {name!r}: keep_count has shape {tuple(keep_count.shape)}, expected (2, {rank}) "
+            "(kept rows per column of U and of V for each stored singular pair)"
+        )
+    keep_count = keep_count.to(torch.int64)
+    if rank:
+        for row, (factor, rows) in enumerate((("U", m), ("V", n))):
+            low, high = int(keep_count[row].min()), int(keep_count[row].max())
+            if low < 1 or high > rows:
+                raise ValueError(
+                    f"compressed delta {name!r}: keep counts of {factor} lie in [{low}, {high}], expected "
+                    f"[1, {rows}] (every stored column keeps at least one of its {rows} rows)"
+                )
+    return keep_count.to(torch.int32)
+
+
+class SparseFactors:
+    """What every ImPart-compressed matrix shares: the masks, the rescale and the reconstruction.
+
+    A subclass holds ``shape``, ``seed``, ``name``, ``singular_values (r,)`` and ``keep_count (2, r)`` and says how
+    its kept values are obtained (:meth:`_values`: stored as they are, or decoded from quantised codes).
+    """
 
     shape: tuple[int, int]
-    singular_values: torch.Tensor  # float32 (r,)
-    keep_threshold: torch.Tensor  # int64 (r,)
-    u_values: torch.Tensor  # (num kept U elements,) storage dtype
-    v_values: torch.Tensor  # (num kept V elements,) storage dtype
-    seed: int = 0
-    name: str = ""
-    compression_ratio: float | None = None  # nominal, as asked
-    reference_dtype: torch.dtype = torch.float32  # dtype of the dense delta this replaces (for byte ratios)
+    singular_values: torch.Tensor
+    keep_count: torch.Tensor
+    seed: int
+    name: str
 
     @property
     def rank(self) -> int:
@@ -216,8 +242,88 @@ class CompressedDelta:
 
     @property
     def keep_prob(self) -> torch.Tensor:
-        """float64 ``(r,)`` keep probabilities, exactly those the masks and the rescale use."""
-        return keep_prob_from_threshold(self.keep_threshold)
+        """float64 ``(2, r)``: ``c_k / m`` for U (row 0) and ``c_k / n`` for V (row 1), the keep probabilities the
+        masks realise and the rescale divides by."""
+        rows = torch.tensor(
+            [[self.shape[0]], [self.shape[1]]], dtype=torch.float64, device=self.keep_count.device
+        )
+        return self.keep_count.to(torch.float64) / rows
+
+    @property
+    def u_count(self) -> int:
+        """Kept elements of U (known from the counts, before any mask is made)."""
+        return int(self.keep_count[0].sum(dtype=torch.int64))
+
+    @property
+    def v_count(self) -> int:
+        """Kept elements of V."""
+        return int(self.keep_count[1].sum(dtype=torch.int64))
+
+    @property
+    def num_factor_values(self) -> int:
+        """Kept factor elements (what the nominal budget counts)."""
+        return self.u_count + self.v_count
+
+    def masks(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool keep masks ``(m, r)`` of U and ``(n, r)`` of V, regenerated from the seed."""
+        m, n = self.shape
+        count = self.keep_count.to(device) if device is not None else self.keep_count
+        return (
+            keep_mask(self.seed, self.name, FACTOR_U, count[0], m),
+            keep_mask(self.seed, self.name, FACTOR_V, count[1], n),
+        )
+
+    def _values(
+        self, mask_u: torch.Tensor, mask_v: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed kept values of U and V on ``device`` (1-D, in :func:`pack_columns` order)."""
+        raise NotImplementedError
+
+    def _default_device(self) -> torch.device:
+        return self.singular_values.device
+
+    def factors(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rescaled sparse factors.
+
+        Returns:
+            ``U_tilde (m, r)``, ``sigma (r,)``, ``V_tilde (n, r)`` in ``dtype`` on ``device`` (default: where the
+            values are), with ``ΔW_c = U_tilde @ diag(sigma) @ V_tildeᵀ``. Kept elements of column k are
+            multiplied by ``rows / c_k``.
+        """
+        device = torch.device(device) if device is not None else self._default_device()
+        mask_u, mask_v = self.masks(device)
+        u_values, v_values = self._values(mask_u, mask_v, device)
+        # float64 reciprocal of the exact q, then cast: the rescale is the same wherever it is computed.
+        inv_keep = (1.0 / self.keep_prob.to(device)).to(dtype)
+        # unpack_columns returns a fresh tensor: rescale it in place.
+        u = unpack_columns(u_values.to(device=device, dtype=dtype), mask_u).mul_(inv_keep[0])
+        v = unpack_columns(v_values.to(device=device, dtype=dtype), mask_v).mul_(inv_keep[1])
+        return u, self.singular_values.to(device=device, dtype=dtype), v
+
+    def reconstruct(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """``ΔW_c`` as a dense ``(m, n)`` tensor (float32 math, then cast to ``dtype``, default float32)."""
+        u, sigma, v = self.factors(torch.float32, device)
+        out = (u * sigma) @ v.t()
+        return out.to(dtype) if dtype is not None else out
+
+
+@dataclass
+class CompressedDelta(SparseFactors):
+    """An ImPart-compressed delta of one matrix. See the module docstring for the tensors it holds."""
+
+    shape: tuple[int, int]
+    singular_values: torch.Tensor  # float32 (r,)
+    keep_count: torch.Tensor  # int32 (2, r)
+    u_values: torch.Tensor  # (keep_count[0].sum(),) storage dtype
+    v_values: torch.Tensor  # (keep_count[1].sum(),) storage dtype
+    seed: int = 0
+    name: str = ""
+    compression_ratio: float | None = None  # nominal, as asked
+    reference_dtype: torch.dtype = torch.float32  # dtype of the dense delta this replaces (for byte ratios)
 
     @property
     def num_stored_values(self) -> int:
@@ -225,13 +331,8 @@ class CompressedDelta:
         return int(self.u_values.numel() + self.v_values.numel() + self.singular_values.numel())
 
     @property
-    def num_factor_values(self) -> int:
-        """Kept factor elements only (what the nominal budget counts)."""
-        return int(self.u_values.numel() + self.v_values.numel())
-
-    @property
     def nbytes(self) -> int:
-        """Bytes of every stored tensor (values, singular values, thresholds)."""
+        """Bytes of every stored tensor (values, singular values, counts)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     @property
@@ -255,7 +356,7 @@ class CompressedDelta:
         """The four tensors that go on disk, keyed by role."""
         return {
             "singular_values": self.singular_values,
-            "keep_threshold": self.keep_threshold,
+            "keep_count": self.keep_count,
             "u_values": self.u_values,
             "v_values": self.v_values,
         }
@@ -269,17 +370,15 @@ class CompressedDelta:
         name: str,
         compression_ratio: float | None = None,
         reference_dtype: torch.dtype = torch.float32,
-        check_counts: bool = False,
     ) -> CompressedDelta:
-        """Rebuild from the tensors of :meth:`state_dict`, checking what can be checked without the masks.
+        """Rebuild from the tensors of :meth:`state_dict`, checking everything without making a mask.
 
         Raises ``ValueError`` naming the problem when a tensor is missing, has the wrong number of dimensions
-        or dtype, the counts disagree (thresholds vs singular values, more pairs than ``min(shape)``, more
-        values than ``rank * rows``) or a threshold is outside ``[1, 2**32]``. Whether each packed factor holds
-        exactly as many values as its regenerated mask keeps is checked when the masks are made
-        (:meth:`factors`, :meth:`reconstruct`) or at once with ``check_counts=True``.
+        or dtype, the counts disagree with the singular values or the shape (more pairs than ``min(shape)``, a
+        count outside ``[1, rows]``), or a packed factor does not hold exactly the values its counts keep.
         """
-        missing = {"singular_values", "keep_threshold", "u_values", "v_values"} - set(tensors)
+        keys = ("singular_values", "keep_count", "u_values", "v_values")
+        missing = set(keys) - set(tensors)
         if missing:
             raise ValueError(f"compressed delta {name!r} is missing tensors {sorted(missing)}")
         if len(shape) != 2 or int(shape[0]) < 1 or int(shape[1]) < 1:
@@ -287,20 +386,19 @@ class CompressedDelta:
                 f"compressed delta {name!r}: shape must be two positive sizes, got {tuple(shape)}"
             )
         m, n = int(shape[0]), int(shape[1])
-        for key in ("singular_values", "keep_threshold", "u_values", "v_values"):
+        for key in ("singular_values", "u_values", "v_values"):
             if tensors[key].dim() != 1:
                 raise ValueError(
                     f"compressed delta {name!r}: {key} must be 1-D, got shape {tuple(tensors[key].shape)}"
                 )
-        threshold = tensors["keep_threshold"]
-        if threshold.is_floating_point() or threshold.is_complex() or threshold.dtype == torch.bool:
-            raise ValueError(
-                f"compressed delta {name!r}: keep_threshold must be an integer tensor, got {threshold.dtype}"
-            )
+        rank = tensors["singular_values"].numel()
+        if rank > min(m, n):
+            raise ValueError(f"compressed delta {name!r}: {rank} singular pairs for a {m} x {n} matrix")
+        keep_count = check_keep_count(tensors["keep_count"], (m, n), rank, name)
         out = cls(
             shape=(m, n),
             singular_values=tensors["singular_values"],
-            keep_threshold=threshold.to(torch.int64),
+            keep_count=keep_count,
             u_values=tensors["u_values"],
             v_values=tensors["v_values"],
             seed=seed,
@@ -308,71 +406,25 @@ class CompressedDelta:
             compression_ratio=compression_ratio,
             reference_dtype=reference_dtype,
         )
-        rank = out.rank
-        if out.keep_threshold.numel() != rank:
-            raise ValueError(
-                f"compressed delta {name!r}: {out.keep_threshold.numel()} keep thresholds for "
-                f"{rank} singular values"
-            )
-        if rank > min(m, n):
-            raise ValueError(f"compressed delta {name!r}: {rank} singular pairs for a {m} x {n} matrix")
-        if rank and (int(out.keep_threshold.min()) < 1 or int(out.keep_threshold.max()) > THRESHOLD_ONE):
-            raise ValueError(
-                f"compressed delta {name!r}: keep_threshold values must lie in [1, 2**32] "
-                f"(q_k = threshold / 2**32 > 0), got [{int(out.keep_threshold.min())}, {int(out.keep_threshold.max())}]"
-            )
-        for key, rows in (("u_values", m), ("v_values", n)):
-            if tensors[key].numel() > rank * rows:
+        for key, expected in (("u_values", out.u_count), ("v_values", out.v_count)):
+            if tensors[key].numel() != expected:
                 raise ValueError(
-                    f"compressed delta {name!r}: {key} holds {tensors[key].numel()} values, more than the "
-                    f"{rank} x {rows} factor it packs"
+                    f"compressed delta {name!r}: {key} holds {tensors[key].numel()} values but keep_count says "
+                    f"{expected}: the file is corrupt"
                 )
-        if check_counts:
-            mask_u, mask_v = out.masks()
-            for key, mask in (("u_values", mask_u), ("v_values", mask_v)):
-                if tensors[key].numel() != int(mask.sum()):
-                    raise ValueError(
-                        f"compressed delta {name!r}: {key} holds {tensors[key].numel()} values but the mask "
-                        f"regenerated from the seed keeps {int(mask.sum())}: the file is corrupt or was written "
-                        "with another seed or module name"
-                    )
         return out
 
-    def masks(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bool keep masks ``(m, r)`` of U and ``(n, r)`` of V, regenerated from the seed."""
-        m, n = self.shape
-        threshold = self.keep_threshold.to(device) if device is not None else self.keep_threshold
-        return (
-            keep_mask(self.seed, self.name, FACTOR_U, threshold, m),
-            keep_mask(self.seed, self.name, FACTOR_V, threshold, n),
-        )
+    def _values(self, mask_u, mask_v, device):
+        for key, values, mask in (("u_values", self.u_values, mask_u), ("v_values", self.v_values, mask_v)):
+            if values.numel() != int(mask.sum()):  # only a hand-made object can get here: counts define masks
+                raise ValueError(
+                    f"compressed delta {self.name!r}: {key} holds {values.numel()} values but the mask keeps "
+                    f"{int(mask.sum())}"
+                )
+        return self.u_values.to(device), self.v_values.to(device)
 
-    def factors(
-        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rescaled sparse factors.
-
-        Returns:
-            ``U_tilde (m, r)``, ``sigma (r,)``, ``V_tilde (n, r)`` in ``dtype`` on ``device`` (default: where the
-            values are), with ``ΔW_c = U_tilde @ diag(sigma) @ V_tildeᵀ``. Kept elements are divided by q_k.
-        """
-        device = torch.device(device) if device is not None else self.u_values.device
-        mask_u, mask_v = self.masks(device)
-        # float64 reciprocal of the exact q, then cast: the rescale is the same wherever it is computed.
-        inv_keep = (1.0 / self.keep_prob.to(device)).to(dtype)
-        u = unpack_columns(self.u_values.to(device=device, dtype=dtype), mask_u).mul_(
-            inv_keep
-        )  # fresh: in place
-        v = unpack_columns(self.v_values.to(device=device, dtype=dtype), mask_v).mul_(inv_keep)
-        return u, self.singular_values.to(device=device, dtype=dtype), v
-
-    def reconstruct(
-        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> torch.Tensor:
-        """``ΔW_c`` as a dense ``(m, n)`` tensor (float32 math, then cast to ``dtype``, default float32)."""
-        u, sigma, v = self.factors(torch.float32, device)
-        out = (u * sigma) @ v.t()
-        return out.to(dtype) if dtype is not None else out
+    def _default_device(self) -> torch.device:
+        return self.u_values.device
 
 
 def compress_delta(
@@ -385,6 +437,7 @@ def compress_delta(
     svd_dtype: torch.dtype = torch.float32,
     storage_dtype: torch.dtype | None = None,
     svd_method: str = "auto",
+    allocation: str = "paper",
 ) -> CompressedDelta:
     """Compress one dense delta with ImPart.
 
@@ -405,6 +458,8 @@ def compress_delta(
             faster than a full SVD for a 4096 x 11008 delta, 1.7 times for 4096 x 4096), and runs the exact full SVD when every pair may be
             kept (``compression_ratio=None``, or a budget / ``beta`` that reaches ``R``). ``"svd"`` forces the
             full SVD, ``"gram"`` the Gram route.
+        allocation: the allocation rule, ``"paper"`` (default, the authors' code) or ``"rescaled"`` (see
+            :func:`~impart_peft.allocation.allocate_keep_prob`).
 
     Returns:
         A :class:`CompressedDelta` whose tensors live on the delta's device.
@@ -414,6 +469,8 @@ def compress_delta(
     check_pre_prune_ratio(pre_prune_ratio)
     check_importance_exponent(importance_exponent)
     _check_svd_method(svd_method)
+    if allocation not in ALLOCATION_RULES:
+        raise ValueError(f"allocation must be one of {ALLOCATION_RULES}, got {allocation!r}")
     if not isinstance(name, str):
         raise ValueError(f"name must be the module name as a str, got {type(name).__name__}")
     stream_key(seed, name, FACTOR_U)  # checks the seed before the SVD, not after it
@@ -423,22 +480,20 @@ def compress_delta(
     m, n = delta.shape
     needed = pairs_needed((m, n), compression_ratio, pre_prune_ratio)
     u, sigma, v = svd_top(delta, num_pairs=needed, svd_dtype=svd_dtype, method=svd_method)
-    allocation = allocate_keep_prob(sigma, (m, n), compression_ratio, pre_prune_ratio, importance_exponent)
-    rank = allocation.boundary
-    if (
-        rank > u.shape[1]
-    ):  # pairs_needed bounds the allocation's boundary; this guards the two staying in step
+    planned = allocate_keep_prob(
+        sigma, (m, n), compression_ratio, pre_prune_ratio, importance_exponent, rule=allocation
+    )
+    rank = planned.boundary
+    # pairs_needed bounds the allocation's boundary; this guards the two staying in step.
+    if rank > u.shape[1]:
         raise RuntimeError(f"allocation kept {rank} pairs but only {u.shape[1]} were computed")
-    keep_threshold = keep_threshold_from_prob(allocation.keep_prob[:rank]).to(delta.device)
-    # A q so small that it rounds to threshold 0 keeps nothing: trim it so every stored pair has q_k > 0.
-    rank = int((keep_threshold > 0).sum())
-    keep_threshold = keep_threshold[:rank]
-    mask_u = keep_mask(seed, name, FACTOR_U, keep_threshold, m)
-    mask_v = keep_mask(seed, name, FACTOR_V, keep_threshold, n)
+    keep_count = planned.keep_count.to(device=delta.device, dtype=torch.int32)  # rows < 2**31: int32 on disk
+    mask_u = keep_mask(seed, name, FACTOR_U, keep_count[0], m)
+    mask_v = keep_mask(seed, name, FACTOR_V, keep_count[1], n)
     return CompressedDelta(
         shape=(m, n),
         singular_values=sigma[:rank].to(torch.float32).contiguous(),
-        keep_threshold=keep_threshold,
+        keep_count=keep_count,
         u_values=pack_columns(u[:, :rank].to(storage_dtype), mask_u).contiguous(),
         v_values=pack_columns(v[:, :rank].to(storage_dtype), mask_v).contiguous(),
         seed=seed,

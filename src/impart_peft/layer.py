@@ -4,7 +4,8 @@ Every adapter of a layer holds the tensors of one :class:`~impart_peft.delta.Com
 parameters, created with their final shapes from ``config.module_meta`` at injection time:
 
 * ``impart_u_values[adapter]`` ``(u_count,)`` and ``impart_v_values[adapter]`` ``(v_count,)``: kept factor values,
-* ``impart_singular_values[adapter]`` float32 ``(r,)``, ``impart_keep_threshold[adapter]`` int64 ``(r,)``,
+* ``impart_singular_values[adapter]`` float32 ``(r,)``, ``impart_keep_count[adapter]`` int32 ``(2, r)`` (kept rows
+  per column of U and of V),
 * ``impart_delta_weight[adapter]`` / ``impart_delta_bias[adapter]``: dense deltas of 1-D parameters.
 
 An ImPart-QT adapter (``meta["quantized"]``) holds, instead of the two value vectors, the packed uint8 codes
@@ -33,19 +34,19 @@ from .quantization import QuantizedDelta
 
 __all__ = ["ImPartEmbedding", "ImPartLayer", "ImPartLinear", "ImPartVector"]
 
-_FACTOR_PARAMS = ("impart_u_values", "impart_v_values", "impart_singular_values", "impart_keep_threshold")
+_FACTOR_PARAMS = ("impart_u_values", "impart_v_values", "impart_singular_values", "impart_keep_count")
 _QUANTIZED_PARAMS = (
     "impart_u_codes",
     "impart_v_codes",
     "impart_u_scales",
     "impart_v_scales",
     "impart_singular_values",
-    "impart_keep_threshold",
+    "impart_keep_count",
 )
 # Integer (and ImPart-QT) tensors kept in BufferDicts: PEFT toggles requires_grad on everything in
 # adapter_layer_names, which integer tensors do not allow.
 IMPART_BUFFER_NAMES = (
-    "impart_keep_threshold",
+    "impart_keep_count",
     "impart_u_codes",
     "impart_v_codes",
     "impart_u_scales",
@@ -67,14 +68,14 @@ class ImPartLayer(BaseTunerLayer):
         "impart_delta_weight",
         "impart_delta_bias",
     )
-    # The int64 thresholds live in a BufferDict: PEFT toggles requires_grad on everything in adapter_layer_names.
+    # The integer keep counts live in a BufferDict: PEFT toggles requires_grad on everything in adapter_layer_names.
     other_param_names = (*IMPART_BUFFER_NAMES, "impart_meta", "impart_seed", "impart_module_name")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}))
-        # Integer thresholds cannot be Parameters (PEFT toggles requires_grad on adapter parameters).
+        # Integer keep counts cannot be Parameters (PEFT toggles requires_grad on adapter parameters).
         for name in IMPART_BUFFER_NAMES:
             setattr(self, name, BufferDict({}, persistent=True))
         self.impart_meta: dict[str, dict[str, Any]] = {}
@@ -118,7 +119,7 @@ class ImPartLayer(BaseTunerLayer):
                     torch.zeros(meta["v_count"], dtype=dtype, device=device)
                 )
             self.impart_singular_values[adapter_name] = _frozen(torch.zeros(rank, device=device))
-            self.impart_keep_threshold[adapter_name] = torch.zeros(rank, dtype=torch.int64, device=device)
+            self.impart_keep_count[adapter_name] = torch.zeros((2, rank), dtype=torch.int32, device=device)
         for param_name, length in meta.get("vectors", {}).items():
             base_param = getattr(self.get_base_layer(), param_name, None)
             if base_param is None or base_param.shape != (length,):
@@ -191,7 +192,7 @@ class ImPartLayer(BaseTunerLayer):
         return CompressedDelta(
             shape=tuple(meta["shape"]),
             singular_values=source.impart_singular_values[adapter].data,
-            keep_threshold=source.impart_keep_threshold[adapter],
+            keep_count=source.impart_keep_count[adapter],
             u_values=source.impart_u_values[adapter].data,
             v_values=source.impart_v_values[adapter].data,
             seed=source.impart_seed[adapter],

@@ -106,6 +106,7 @@ def sparsify_delta(
     importance_exponent: float = 1.0,
     svd_dtype: torch.dtype = torch.float32,
     storage_dtype: torch.dtype | None = None,
+    allocation: str = "paper",
 ) -> torch.Tensor:
     """One task vector, sparsified as ``sparsify`` says (see the module docstring).
 
@@ -114,7 +115,8 @@ def sparsify_delta(
         density: fraction kept, in ``(0, 1]``; ``1`` returns ``delta`` unchanged.
         seed / name: the mask stream of ``"impart"`` and ``"dare"`` (``name`` is the module's name, so that
             ImPart's masks are those of an adapter compressed with the same seed).
-        pre_prune_ratio / importance_exponent / svd_dtype: ImPart's settings.
+        pre_prune_ratio / importance_exponent / svd_dtype / allocation: ImPart's settings (the allocation rule of
+            :func:`~impart_peft.allocation.allocate_keep_prob`, the same as an adapter's).
         storage_dtype: the dtype ImPart / DARE round their kept values to, as an adapter stores them (default the
             delta's dtype).
 
@@ -139,6 +141,7 @@ def sparsify_delta(
             name=name,
             svd_dtype=svd_dtype,
             storage_dtype=storage_dtype,
+            allocation=allocation,
         )
     elif sparsify == "dare":
         compressed = dare_delta(delta, ratio, seed=seed, name=name, storage_dtype=storage_dtype)
@@ -479,14 +482,12 @@ def _merge_checkpoints(
 def _factor_columns(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
     """Adapter tensors of factors stored whole (every q_k = 1): the masks keep every element, so the packed values
     are the columns themselves and the rebuilt factors are exactly ``u``, ``sigma``, ``v``."""
-    from .masks import THRESHOLD_ONE
-
     rank = sigma.numel()
     return {
         "impart_u_values": u.t().contiguous().reshape(-1),
         "impart_v_values": v.t().contiguous().reshape(-1),
         "impart_singular_values": sigma.contiguous(),
-        "impart_keep_threshold": torch.full((rank,), THRESHOLD_ONE, dtype=torch.int64),
+        "impart_keep_count": torch.tensor([[u.shape[0]] * rank, [v.shape[0]] * rank], dtype=torch.int32),
     }
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .allocation import (
+    ALLOCATION_RULES,
     Allocation,
     allocate_keep_prob,
     check_compression_ratio,
@@ -42,17 +43,8 @@ from .allocation import (
     check_pre_prune_ratio,
     pre_prune_boundary,
 )
-from .delta import CompressedDelta, check_delta, dtype_bits, svd_top
-from .masks import (
-    FACTOR_U,
-    FACTOR_V,
-    THRESHOLD_ONE,
-    keep_mask,
-    keep_prob_from_threshold,
-    keep_threshold_from_prob,
-    pack_columns,
-    unpack_columns,
-)
+from .delta import CompressedDelta, SparseFactors, check_delta, check_keep_count, dtype_bits, svd_top
+from .masks import FACTOR_U, FACTOR_V, keep_mask, pack_columns
 
 __all__ = [
     "DEFAULT_BITS",
@@ -62,7 +54,6 @@ __all__ = [
     "QuantizationScheme",
     "QuantizedDelta",
     "allocate_bit_budget",
-    "allocate_keep_fraction",
     "compress_delta_quantized",
     "dequantize_values",
     "expected_payload_bits",
@@ -230,87 +221,18 @@ def runs_to_bits(runs: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- the budget
-def expected_payload_bits(
-    keep_prob: torch.Tensor, pair_bits: torch.Tensor, shape: tuple[int, int], group_size: int
-) -> float:
-    """Expected bits of the codes and scales of both factors for keep probabilities ``keep_prob[:r]`` and bit
-    widths ``pair_bits (r,)``: ``sum_k q_k (m + n) b_k + 16 * sum_k (ceil(q_k m / g) + ceil(q_k n / g))``."""
-    m, n = shape
-    r = pair_bits.numel()
-    q = keep_prob[:r].to(torch.float64)
-    b = pair_bits.to(torch.float64)
-    codes = float((q * (m + n) * b).sum())
-    groups = float(torch.ceil(q * m / group_size).sum() + torch.ceil(q * n / group_size).sum())
-    return codes + _SCALE_BITS * groups
-
-
-def allocate_keep_fraction(
-    singular_values: torch.Tensor,
-    shape: tuple[int, int],
-    mean_keep: float,
-    pre_prune_ratio: float = 0.8,
-    importance_exponent: float = 1.0,
-) -> Allocation:
-    """:func:`~impart_peft.allocation.allocate_keep_prob` with the budget given as the mean keep probability
-    ``q̄ = mean_k q_k`` in ``(0, 1]`` instead of a compression ratio.
-
-    ``allocate_keep_prob(sigma, shape, CR, ...)`` is this with ``q̄ = target_keep_fraction(shape, CR)``, bit for bit
-    (tested); this form also reaches ``q̄`` above ``m n / (R (m + n))`` (a value ratio below 1), which quantised values
-    can pay for: at 2 to 3 bits a budget of 16-bit dense values keeps more than ``m n`` factor values. The steps
-    (boundary ``max(floor(R(1 - beta)), ceil(q̄ R))``, drop spread as ``gamma (1 - (sigma_k/sigma_1)^C)``, pairs past
-    ``p_k > 1`` dropped and gamma solved again) are those of ``allocate_keep_prob``.
-    """
-    base = allocate_keep_prob(singular_values, shape, None, pre_prune_ratio, importance_exponent)  # validates
-    if isinstance(mean_keep, bool) or not isinstance(mean_keep, (int, float)) or not 0 < mean_keep <= 1:
-        raise ValueError(f"mean_keep must be in (0, 1], got {mean_keep!r}")
-    rank = min(shape)
-    sigma = singular_values.detach().to("cpu", torch.float64)
-    keep_prob = torch.zeros(rank, dtype=torch.float64)
-    nonzero = base.boundary  # pairs above the SVD noise floor
-    if nonzero == 0:
-        return Allocation(keep_prob, 0, 0.0, mean_keep, 0.0, False, False)
-    keep_budget = mean_keep * rank
-    boundary = pre_prune_boundary(rank, pre_prune_ratio)
-    min_boundary = math.ceil(keep_budget - 1e-9)
-    pre_prune_lowered = boundary < min_boundary
-    boundary = max(boundary, min_boundary)
-    under_budget = nonzero < min_boundary
-    boundary = min(boundary, nonzero)
-    ratio = sigma / sigma[0]
-    importance = 1.0 - ratio**importance_exponent
-    importance[ratio >= 1.0 - max(shape) * torch.finfo(torch.float32).eps] = 0.0
-    gamma = 0.0
-    while boundary > 0:
-        drop_inside = boundary - keep_budget
-        if drop_inside <= 0:
-            keep_prob[:boundary] = 1.0
-            break
-        weight_sum = float(importance[:boundary].sum())
-        if weight_sum <= 1e-12 * boundary:
-            gamma = 0.0
-            keep_prob[:boundary] = 1.0 - drop_inside / boundary
-            break
-        gamma = drop_inside / weight_sum
-        drop = gamma * importance[:boundary]
-        over = int((drop > 1.0).sum())
-        if over == 0:
-            keep_prob[:boundary] = 1.0 - drop
-            break
-        next_boundary = max(boundary - over, min(min_boundary, nonzero))
-        if next_boundary == boundary:
-            keep_prob[:boundary] = 1.0 - drop
-            break
-        boundary = next_boundary
-    keep_prob.clamp_(0.0, 1.0)
-    return Allocation(
-        keep_prob=keep_prob,
-        boundary=int((keep_prob > 0).sum()),
-        gamma=gamma,
-        target_keep_fraction=mean_keep,
-        achieved_keep_fraction=float(keep_prob.mean()),
-        pre_prune_lowered=pre_prune_lowered,
-        under_budget=under_budget,
-    )
+def expected_payload_bits(keep_count: torch.Tensor, pair_bits: torch.Tensor, group_size: int) -> int:
+    """Bits of the codes and scales of both factors for kept-row counts ``keep_count (2, r)`` and bit widths
+    ``pair_bits (r,)``: per factor ``8 * ceil(sum_k c_k b_k / 8)`` (the packed stream, its last byte padded) plus
+    ``16 * sum_k ceil(c_k / g)`` (the scales). Exact: the counts are known before any value is sampled."""
+    counts = keep_count.to("cpu", torch.int64)
+    bits = pair_bits.to("cpu", torch.int64)
+    total = 0
+    for factor_counts in counts:
+        code_bits = int((factor_counts * bits).sum())
+        groups = int(((factor_counts + group_size - 1) // group_size).sum())
+        total += 8 * ((code_bits + 7) // 8) + _SCALE_BITS * groups
+    return total
 
 
 @dataclass(frozen=True)
@@ -323,14 +245,14 @@ class BitAllocation:
         mean_keep: the mean keep probability ``q̄`` the allocation was made at; ``None`` when every non-zero pair
             is kept whole (the budget is not binding).
         budget_bits: ``m * n * reference_bits / CR`` (``None`` for ``compression_ratio=None``).
-        expected_bits: expected payload bits (codes + scales) of the allocation.
+        expected_bits: payload bits (codes + scales) of the allocation, exact.
     """
 
     allocation: Allocation
     pair_bits: torch.Tensor
     mean_keep: float | None
     budget_bits: float | None
-    expected_bits: float
+    expected_bits: int
 
 
 def allocate_bit_budget(
@@ -341,37 +263,48 @@ def allocate_bit_budget(
     reference_bits: int,
     pre_prune_ratio: float = 0.8,
     importance_exponent: float = 1.0,
+    rule: str = "paper",
 ) -> BitAllocation:
     """ImPart's allocation with a budget in bits.
 
-    The budget is ``m * n * reference_bits / compression_ratio`` bits for the codes and scales. The allocation rule
-    is unchanged (same ``p_k = gamma * (1 - (sigma_k / sigma_1)^C)``, same pre-pruning, see
-    :func:`allocate_keep_fraction`); only its total is set by bits: the largest mean keep probability ``q̄`` whose
-    expected payload fits the budget, by bisection on ``q̄`` in float64 (deterministic). The bit widths follow the
-    scheme's tiers over the pairs kept at ``q̄``. With ``compression_ratio=None``, or when keeping every non-zero pair
-    whole fits the budget, every non-zero pair is kept whole.
+    The budget is ``m * n * reference_bits / compression_ratio`` bits for the codes and scales. The allocation is
+    :func:`~impart_peft.allocation.allocate_keep_prob`'s (same rule, same pre-pruning), given its budget as a mean
+    keep fraction ``q̄``: the largest ``q̄`` whose exact payload fits the bit budget, by bisection on ``q̄`` in
+    float64 (deterministic). The bit widths follow the scheme's tiers over the pairs kept at ``q̄``. With
+    ``compression_ratio=None``, or when keeping every non-zero pair whole fits the budget, every non-zero pair is
+    kept whole.
     """
     check_compression_ratio(compression_ratio)
     m, n = shape
 
-    def bits_of(allocation: Allocation) -> tuple[Allocation, torch.Tensor, float]:
+    def bits_of(allocation: Allocation) -> tuple[Allocation, torch.Tensor, int]:
         pair_bits = scheme.pair_bits(allocation.boundary)
         return (
             allocation,
             pair_bits,
-            expected_payload_bits(allocation.keep_prob, pair_bits, shape, scheme.group_size),
+            expected_payload_bits(allocation.keep_count, pair_bits, scheme.group_size),
         )
 
-    whole = bits_of(allocate_keep_prob(singular_values, shape, None, pre_prune_ratio, importance_exponent))
+    whole = bits_of(
+        allocate_keep_prob(singular_values, shape, None, pre_prune_ratio, importance_exponent, rule=rule)
+    )
     if compression_ratio is None:
         return BitAllocation(whole[0], whole[1], None, None, whole[2])
     budget = m * n * reference_bits / compression_ratio
     if whole[2] <= budget or whole[0].boundary == 0:
         return BitAllocation(whole[0], whole[1], None, budget, whole[2])
 
-    def at(mean_keep: float) -> tuple[Allocation, torch.Tensor, float]:
+    def at(mean_keep: float) -> tuple[Allocation, torch.Tensor, int]:
         return bits_of(
-            allocate_keep_fraction(singular_values, shape, mean_keep, pre_prune_ratio, importance_exponent)
+            allocate_keep_prob(
+                singular_values,
+                shape,
+                None,
+                pre_prune_ratio,
+                importance_exponent,
+                rule=rule,
+                mean_keep=mean_keep,
+            )
         )
 
     # Invariant: the payload at `low` fits (0 keeps nothing), the one at `high` (every non-zero pair) does not.
@@ -387,8 +320,19 @@ def allocate_bit_budget(
         else:
             high = middle
     if best is None:  # not even the scale of one group fits: nothing is stored
-        empty = Allocation(torch.zeros(min(m, n), dtype=torch.float64), 0, 0.0, 0.0, 0.0, False, False)
-        return BitAllocation(empty, scheme.pair_bits(0), 0.0, budget, 0.0)
+        empty = Allocation(
+            keep_prob=torch.zeros(min(m, n), dtype=torch.float64),
+            keep_count=torch.zeros((2, 0), dtype=torch.int64),
+            boundary=0,
+            gamma=0.0,
+            rule=rule,
+            target_keep_fraction=0.0,
+            achieved_keep_fraction=0.0,
+            budget=0,
+            pre_prune_lowered=False,
+            under_budget=False,
+        )
+        return BitAllocation(empty, scheme.pair_bits(0), 0.0, budget, 0)
     return BitAllocation(best[0], best[1], low, budget, best[2])
 
 
@@ -559,11 +503,11 @@ def unpack_codes(data: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- a quantised delta
 @dataclass
-class QuantizedDelta:
+class QuantizedDelta(SparseFactors):
     """An ImPart-QT compressed delta of one matrix: ImPart's sparse factors with quantised values.
 
     Tensors (what :meth:`state_dict` returns and the adapter file holds):
-        ``singular_values`` float32 ``(r,)``, ``keep_threshold`` int64 ``(r,)`` (as in
+        ``singular_values`` float32 ``(r,)``, ``keep_count`` int32 ``(2, r)`` (as in
         :class:`~impart_peft.delta.CompressedDelta`), ``u_codes`` / ``v_codes`` uint8 packed code streams,
         ``u_scales`` / ``v_scales`` float16 ``(groups,)``.
     ``pair_bits`` int64 ``(r,)`` and ``group_size`` describe the codes (kept in ``module_meta``, not in the file).
@@ -571,32 +515,17 @@ class QuantizedDelta:
 
     shape: tuple[int, int]
     singular_values: torch.Tensor
-    keep_threshold: torch.Tensor
+    keep_count: torch.Tensor
     u_codes: torch.Tensor
     v_codes: torch.Tensor
     u_scales: torch.Tensor
     v_scales: torch.Tensor
     pair_bits: torch.Tensor
     group_size: int
-    u_count: int
-    v_count: int
     seed: int = 0
     name: str = ""
     compression_ratio: float | None = None
     reference_dtype: torch.dtype = torch.float32
-
-    @property
-    def rank(self) -> int:
-        return int(self.singular_values.numel())
-
-    @property
-    def keep_prob(self) -> torch.Tensor:
-        return keep_prob_from_threshold(self.keep_threshold)
-
-    @property
-    def num_factor_values(self) -> int:
-        """Kept factor elements (each stored as one code)."""
-        return self.u_count + self.v_count
 
     @property
     def payload_bits(self) -> int:
@@ -606,7 +535,7 @@ class QuantizedDelta:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every stored tensor (codes, scales, singular values, thresholds)."""
+        """Bytes of every stored tensor (codes, scales, singular values, counts)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     @property
@@ -628,7 +557,7 @@ class QuantizedDelta:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             "singular_values": self.singular_values,
-            "keep_threshold": self.keep_threshold,
+            "keep_count": self.keep_count,
             "u_codes": self.u_codes,
             "v_codes": self.v_codes,
             "u_scales": self.u_scales,
@@ -660,10 +589,11 @@ class QuantizedDelta:
         """Rebuild from the tensors of :meth:`state_dict` and the module's ``quantized`` metadata.
 
         Raises:
-            ValueError: a tensor is missing or has the wrong dtype or length, or the bit widths do not cover the
-                stored pairs. Whether the codes and scales fit the regenerated masks is checked when decoding.
+            ValueError: a tensor is missing or has the wrong dtype or length, the counts do not fit the shape, or
+                the bit widths do not cover the stored pairs. Whether the codes and scales hold exactly what the
+                counts need is checked when decoding.
         """
-        keys = ("singular_values", "keep_threshold", "u_codes", "v_codes", "u_scales", "v_scales")
+        keys = ("singular_values", "keep_count", "u_codes", "v_codes", "u_scales", "v_scales")
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise ValueError(f"quantised delta {name!r} is missing tensors {missing}")
@@ -683,50 +613,40 @@ class QuantizedDelta:
                 f"quantised delta {name!r}: group_size must be a positive integer, got {group_size!r}"
             )
         rank = tensors["singular_values"].numel()
-        if pair_bits.numel() != rank or tensors["keep_threshold"].numel() != rank:
+        if pair_bits.numel() != rank:
             raise ValueError(
-                f"quantised delta {name!r}: {rank} singular values, {tensors['keep_threshold'].numel()} thresholds "
-                f"and {pair_bits.numel()} bit widths"
+                f"quantised delta {name!r}: {rank} singular values and {pair_bits.numel()} bit widths"
             )
         if rank > min(shape):
             raise ValueError(f"quantised delta {name!r}: {rank} pairs for a {shape[0]} x {shape[1]} matrix")
-        threshold = tensors["keep_threshold"].to(torch.int64)
-        if rank and (int(threshold.min()) < 1 or int(threshold.max()) > THRESHOLD_ONE):
-            raise ValueError(f"quantised delta {name!r}: keep_threshold values must lie in [1, 2**32]")
+        shape = (int(shape[0]), int(shape[1]))
         return cls(
-            shape=(int(shape[0]), int(shape[1])),
+            shape=shape,
             singular_values=tensors["singular_values"],
-            keep_threshold=threshold,
+            keep_count=check_keep_count(tensors["keep_count"], shape, rank, name),
             u_codes=tensors["u_codes"],
             v_codes=tensors["v_codes"],
             u_scales=tensors["u_scales"],
             v_scales=tensors["v_scales"],
             pair_bits=pair_bits,
             group_size=group_size,
-            u_count=-1,  # known once the masks are regenerated
-            v_count=-1,
             seed=seed,
             name=name,
             compression_ratio=compression_ratio,
             reference_dtype=reference_dtype,
         )
 
-    def masks(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bool keep masks ``(m, r)`` of U and ``(n, r)`` of V, regenerated from the seed."""
-        m, n = self.shape
-        threshold = self.keep_threshold.to(device) if device is not None else self.keep_threshold
-        return (
-            keep_mask(self.seed, self.name, FACTOR_U, threshold, m),
-            keep_mask(self.seed, self.name, FACTOR_V, threshold, n),
-        )
+    def _default_device(self) -> torch.device:
+        return self.u_codes.device
 
     def _values(self, mask_u: torch.Tensor, mask_v: torch.Tensor, device: torch.device):
+        """Dequantised float32 values of U and V on ``device`` (the counts come from ``keep_count``)."""
         out = []
-        for codes, scales, mask, factor in (
-            (self.u_codes, self.u_scales, mask_u, "U"),
-            (self.v_codes, self.v_scales, mask_v, "V"),
+        keep_count = self.keep_count.to(device=device, dtype=torch.int64)
+        for codes, scales, counts, factor in (
+            (self.u_codes, self.u_scales, keep_count[0], "U"),
+            (self.v_codes, self.v_scales, keep_count[1], "V"),
         ):
-            counts = mask.sum(dim=0).to(torch.int64)
             try:
                 integer = unpack_codes(codes.to(device), _element_bits(counts, self.pair_bits))
                 out.append(
@@ -739,12 +659,11 @@ class QuantizedDelta:
     def dequantized(self, device: torch.device | str | None = None) -> CompressedDelta:
         """The same delta as a :class:`~impart_peft.delta.CompressedDelta` with float32 values on ``device``."""
         device = torch.device(device) if device is not None else self.u_codes.device
-        mask_u, mask_v = self.masks(device)
-        u_values, v_values = self._values(mask_u, mask_v, device)
+        u_values, v_values = self._values(None, None, device)  # the masks are not needed to decode
         return CompressedDelta(
             shape=self.shape,
             singular_values=self.singular_values.to(device),
-            keep_threshold=self.keep_threshold.to(device),
+            keep_count=self.keep_count.to(device),
             u_values=u_values,
             v_values=v_values,
             seed=self.seed,
@@ -752,27 +671,6 @@ class QuantizedDelta:
             compression_ratio=self.compression_ratio,
             reference_dtype=self.reference_dtype,
         )
-
-    def factors(
-        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``U_tilde (m, r)``, ``sigma (r,)``, ``V_tilde (n, r)`` as :meth:`CompressedDelta.factors` gives them for
-        the dequantised values (the masks are made once)."""
-        device = torch.device(device) if device is not None else self.u_codes.device
-        mask_u, mask_v = self.masks(device)
-        u_values, v_values = self._values(mask_u, mask_v, device)
-        inv_keep = (1.0 / self.keep_prob.to(device)).to(dtype)
-        u = unpack_columns(u_values.to(dtype), mask_u).mul_(inv_keep)
-        v = unpack_columns(v_values.to(dtype), mask_v).mul_(inv_keep)
-        return u, self.singular_values.to(device=device, dtype=dtype), v
-
-    def reconstruct(
-        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> torch.Tensor:
-        """``ΔW_c`` dense ``(m, n)`` (float32 math, then cast to ``dtype``)."""
-        u, sigma, v = self.factors(torch.float32, device)
-        out = (u * sigma) @ v.t()
-        return out.to(dtype) if dtype is not None else out
 
 
 def compress_delta_quantized(
@@ -786,6 +684,7 @@ def compress_delta_quantized(
     svd_dtype: torch.dtype = torch.float32,
     reference_dtype: torch.dtype | None = None,
     svd_method: str = "auto",
+    allocation: str = "paper",
 ) -> QuantizedDelta:
     """Compress one dense delta with ImPart-QT.
 
@@ -798,6 +697,7 @@ def compress_delta_quantized(
         pre_prune_ratio, importance_exponent, seed, name, svd_dtype, svd_method: as in
             :func:`~impart_peft.delta.compress_delta`.
         reference_dtype: the fine-tune's dtype, whose bits the ratio is counted against (default the delta's).
+        allocation: the allocation rule, ``"paper"`` (default) or ``"rescaled"``.
 
     Returns:
         A :class:`QuantizedDelta` on the delta's device; same inputs and seed give the same tensors bit for bit.
@@ -806,6 +706,8 @@ def compress_delta_quantized(
     check_compression_ratio(compression_ratio)
     check_pre_prune_ratio(pre_prune_ratio)
     check_importance_exponent(importance_exponent)
+    if allocation not in ALLOCATION_RULES:
+        raise ValueError(f"allocation must be one of {ALLOCATION_RULES}, got {allocation!r}")
     scheme = QuantizationScheme.parse(quantization) or QuantizationScheme()
     reference_dtype = reference_dtype or delta.dtype
     reference_bits = dtype_bits(reference_dtype)
@@ -813,39 +715,36 @@ def compress_delta_quantized(
     needed = _pairs_for_budget((m, n), compression_ratio, pre_prune_ratio, scheme, reference_bits)
     u, sigma, v = svd_top(delta, num_pairs=needed, svd_dtype=svd_dtype, method=svd_method)
     planned = allocate_bit_budget(
-        sigma, (m, n), compression_ratio, scheme, reference_bits, pre_prune_ratio, importance_exponent
+        sigma,
+        (m, n),
+        compression_ratio,
+        scheme,
+        reference_bits,
+        pre_prune_ratio,
+        importance_exponent,
+        allocation,
     )
     rank = planned.allocation.boundary
     if rank > u.shape[1]:
         raise RuntimeError(f"allocation kept {rank} pairs but only {u.shape[1]} were computed")
-    keep_threshold = keep_threshold_from_prob(planned.allocation.keep_prob[:rank]).to(delta.device)
-    rank = int((keep_threshold > 0).sum())  # a q that rounds to threshold 0 keeps nothing
-    keep_threshold = keep_threshold[:rank]
+    keep_count = planned.allocation.keep_count.to(device=delta.device, dtype=torch.int32)
     pair_bits = planned.pair_bits[:rank].clone()
-    mask_u = keep_mask(seed, name, FACTOR_U, keep_threshold, m)
-    mask_v = keep_mask(seed, name, FACTOR_V, keep_threshold, n)
     stored = {}
-    for key, factor, mask in (("u", u, mask_u), ("v", v, mask_v)):
+    for key, factor, rows, counts in (("u", u, m, keep_count[0]), ("v", v, n, keep_count[1])):
+        mask = keep_mask(seed, name, FACTOR_U if key == "u" else FACTOR_V, counts, rows)
         values = pack_columns(factor[:, :rank].to(torch.float32), mask)
-        counts = mask.sum(dim=0).to(torch.int64)
         codes, scales = quantize_values(values, counts, pair_bits, scheme.group_size)
-        stored[key] = (
-            pack_codes(codes, _element_bits(counts, pair_bits)),
-            scales.contiguous(),
-            values.numel(),
-        )
+        stored[key] = (pack_codes(codes, _element_bits(counts, pair_bits)), scales.contiguous())
     return QuantizedDelta(
         shape=(m, n),
         singular_values=sigma[:rank].to(torch.float32).contiguous(),
-        keep_threshold=keep_threshold,
+        keep_count=keep_count,
         u_codes=stored["u"][0],
         v_codes=stored["v"][0],
         u_scales=stored["u"][1],
         v_scales=stored["v"][1],
         pair_bits=pair_bits,
         group_size=scheme.group_size,
-        u_count=stored["u"][2],
-        v_count=stored["v"][2],
         seed=seed,
         name=name,
         compression_ratio=compression_ratio,
