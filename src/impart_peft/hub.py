@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from .filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDE_FILE_PATTERNS
 from .modelcard import build_model_card, is_local_path, read_card_inputs, write_model_card
 
 __all__ = [
@@ -52,13 +53,15 @@ __all__ = [
     "NotAnImPartAdapterError",
     "download_adapter",
     "install_hooks",
+    "install_peft_hooks",
+    "install_transformers_hooks",
     "push_adapter",
     "resolve_adapter",
     "resolve_checkpoint",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = ADAPTER_CONFIG
+WEIGHTS_NAME = ADAPTER_WEIGHTS
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 README_NAME = "README.md"
 
@@ -165,8 +168,6 @@ def _check_adapter_folder(folder: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- push
 def _side_files(folder: str) -> list[str]:
     """Tokenizer and generation files at the root of ``folder`` (the names ``impart compress`` copies there)."""
-    from .checkpoints import SIDE_FILE_PATTERNS
-
     names = set()
     for pattern in SIDE_FILE_PATTERNS:
         names.update(
@@ -628,11 +629,8 @@ def _wrap_load_adapter(original, moved: frozenset[str]):
     return load_adapter
 
 
-def install_hooks() -> None:
-    """Install the ``PeftModel.save_pretrained`` / ``push_to_hub`` and ``load_adapter`` wrappers (idempotent).
-
-    Called when :mod:`impart_peft` is imported.
-    """
+def install_peft_hooks() -> None:
+    """Wrap ``PeftModel.save_pretrained`` / ``push_to_hub`` (idempotent): run when PEFT is imported."""
     from peft import PeftModel
 
     for name, wrap in (("save_pretrained", _wrap_save_pretrained), ("push_to_hub", _wrap_push_to_hub)):
@@ -640,6 +638,10 @@ def install_hooks() -> None:
         if not hasattr(current, "__impart_wrapped__"):
             setattr(PeftModel, name, wrap(current))
 
+
+def install_transformers_hooks() -> None:
+    """Wrap transformers' ``load_adapter`` so that it takes ``revision=`` / ``token=`` (idempotent; only where that
+    transformers does not accept them itself): run when ``transformers.modeling_utils`` is imported."""
     try:
         from transformers.integrations.peft import PeftAdapterMixin
         from transformers.modeling_utils import LoadStateDictConfig
@@ -655,4 +657,11 @@ def install_hooks() -> None:
         PeftAdapterMixin.load_adapter = _wrap_load_adapter(current, moved)
 
 
-install_hooks()
+def install_hooks() -> None:
+    """Install the ``PeftModel.save_pretrained`` / ``push_to_hub`` and ``load_adapter`` wrappers (idempotent).
+
+    :mod:`impart_peft` installs each when its library is imported (:mod:`impart_peft._autoload`), so that importing
+    impart_peft loads neither PEFT nor transformers.
+    """
+    install_peft_hooks()
+    install_transformers_hooks()

@@ -311,7 +311,7 @@ def merge_finetunes(
         if svd_dtype not in ("float32", "float64"):
             raise ValueError(f"svd_dtype must be 'float32' or 'float64', got {svd_dtype!r}")
         svd_dtype = getattr(torch, svd_dtype)
-    from .checkpoints import _check_device
+    from .checkpoint_io import check_device
 
     settings = _Settings(
         method=method,
@@ -325,7 +325,7 @@ def merge_finetunes(
         pre_prune_ratio=pre_prune_ratio,
         importance_exponent=importance_exponent,
         svd_dtype=svd_dtype,
-        device=_check_device(device),
+        device=check_device(device),
     )
     paths = [_is_path(base), *(_is_path(f) for f in finetunes)]
     if all(paths):
@@ -338,9 +338,9 @@ def merge_finetunes(
         raise ValueError("give the base and every fine-tune either all as models in memory or all as folders")
     merged = _merge_models(base, list(finetunes), settings, inplace)
     if output_dir is not None:
-        from .checkpoints import _atomic_folder
+        from .checkpoint_io import atomic_folder
 
-        with _atomic_folder(output_dir, overwrite) as scratch:
+        with atomic_folder(output_dir, overwrite) as scratch:
             merged.save_pretrained(scratch)
     return merged
 
@@ -369,29 +369,25 @@ def _merge_checkpoints(
     overwrite: bool,
     progress: bool,
 ) -> Path:
-    from .checkpoints import (
-        _SAFETENSORS_METADATA,
+    from .checkpoint_io import (
         Checkpoint,
-        _atomic_folder,
-        _check_output,
-        _copy_side_files,
-        _meta_model,
-        _parse_size,
-        _progress,
-        _SafetensorsStream,
+        check_output,
+        meta_model,
+        parse_size,
         resolve_folder,
+        write_sharded_checkpoint,
     )
 
-    _check_output(output_dir, overwrite)
-    shard_limit = _parse_size(max_shard_size)
+    check_output(output_dir, overwrite)
+    shard_limit = parse_size(max_shard_size)
     base_checkpoint = Checkpoint(resolve_folder(base, "base"), "base")
     ft_checkpoints = [
         Checkpoint(resolve_folder(f, f"fine-tune {i + 1}"), f"fine-tune {i + 1}")
         for i, f in enumerate(finetunes)
     ]
-    meta_model = _meta_model(base_checkpoint.config)
-    prefix = getattr(meta_model, "base_model_prefix", "") or ""
-    model_names = set(meta_model.state_dict())
+    architecture = meta_model(base_checkpoint.config)
+    prefix = getattr(architecture, "base_model_prefix", "") or ""
+    model_names = set(architecture.state_dict())
 
     def model_name(key: str) -> str:
         # The parameter's name in the model (ImPart's masks are keyed on module names, as in from_finetuned).
@@ -425,57 +421,20 @@ def _merge_checkpoints(
             + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         )
 
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key in keys:
-        nbytes = base_checkpoint.tensors[key].nbytes
-        if shards[-1] and size + nbytes > shard_limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    def merged(key: str) -> torch.Tensor:
+        tensors = [c.read(k) for c, k in zip(ft_checkpoints, sources[key], strict=True)]
+        return _merge_one(model_name(key), base_checkpoint.read(key), tensors, s).contiguous()
+
+    return write_sharded_checkpoint(
+        output_dir,
+        base_checkpoint,
+        merged,
+        side_file_sources=[c.folder for c in ft_checkpoints] + [base_checkpoint.folder],
+        max_shard_size=shard_limit,
+        overwrite=overwrite,
+        progress=progress,
+        desc="merge",
     )
-    with _atomic_folder(output_dir, overwrite) as scratch, torch.no_grad():
-        with _progress(len(keys), "merge", "tensor", progress) as bar:
-            for shard_name, shard_keys in zip(names, shards, strict=True):
-                entries = [
-                    (k, base_checkpoint.tensors[k].dtype, base_checkpoint.tensors[k].shape)
-                    for k in shard_keys
-                ]
-                stream = _SafetensorsStream(scratch / shard_name, entries, _SAFETENSORS_METADATA)
-                try:
-                    for key in shard_keys:
-                        tensors = [c.read(k) for c, k in zip(ft_checkpoints, sources[key], strict=True)]
-                        value = _merge_one(model_name(key), base_checkpoint.read(key), tensors, s)
-                        stream.write(key, value.contiguous())
-                        del tensors, value
-                        bar.update(1)
-                except BaseException:
-                    stream.abort()
-                    raise
-                stream.close()
-        if len(shards) > 1:
-            import json
-
-            index = {
-                "metadata": {
-                    "total_parameters": sum(math.prod(base_checkpoint.tensors[k].shape) for k in keys),
-                    "total_size": sum(base_checkpoint.tensors[k].nbytes for k in keys),
-                },
-                "weight_map": {k: n for n, ks in zip(names, shards, strict=True) for k in ks},
-            }
-            (scratch / "model.safetensors.index.json").write_text(
-                json.dumps(index, indent=2, sort_keys=True) + "\n"
-            )
-        import shutil
-
-        shutil.copyfile(base_checkpoint.folder / "config.json", scratch / "config.json")
-        _copy_side_files([c.folder for c in ft_checkpoints] + [base_checkpoint.folder], scratch)
-    return Path(output_dir).expanduser()
 
 
 # ---------------------------------------------------------------------------------------- loaded adapters

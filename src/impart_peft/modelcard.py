@@ -85,7 +85,7 @@ def current_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "impart-peft": __version__,
