@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -26,37 +27,98 @@ import math
 import shlex
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .allocation import check_compression_ratio, check_importance_exponent, check_pre_prune_ratio
-from .config import ImPartConfig
-
 __all__ = ["build_parser", "main"]
 
-_DEFAULTS = {
-    f.name: f.default for f in dataclasses.fields(ImPartConfig) if f.default is not dataclasses.MISSING
-}
 # Errors whose message is the whole story; anything else also gets its type name.
 _EXPECTED_ERRORS = (ValueError, OSError, KeyError, TypeError)
 
 
+@functools.cache
+def _config_defaults() -> dict[str, Any]:
+    """ImPartConfig's defaults (read when a command's options are built: ``impart --help`` imports no PEFT)."""
+    from .config import ImPartConfig
+
+    return {
+        f.name: f.default for f in dataclasses.fields(ImPartConfig) if f.default is not dataclasses.MISSING
+    }
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr (exit status 2)."""
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2), and whose arguments may be
+    added on first use (``populate``), so that building the ``impart`` parser imports nothing heavy."""
+
+    def __init__(
+        self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _ready(self) -> None:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ready()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._ready()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._ready()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 # ----------------------------------------------------------------------------------------------- argument types
+def _convert(kind: Callable[[str], Any], text: str, what: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _checked(kind: Callable[[str], Any], check: Callable[[Any], None], what: str = "a number"):
+    """An argparse type: ``kind(text)``, then ``check(value)``, whose ``ValueError`` message is the usage error."""
+
+    def parse(text: str) -> Any:
+        value = _convert(kind, text, what)
+        try:
+            check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return parse
+
+
+def _list_of(kind: Callable[[str], Any], what: str):
+    """An argparse type: a comma-separated list of ``kind``."""
+    return lambda text: _convert(lambda t: [kind(part) for part in t.split(",")], text, what)
+
+
+def _at_least(low: int, message: str) -> Callable[[int], None]:
+    def check(value: int) -> None:
+        if value < low:
+            raise ValueError(message.format(value))
+
+    return check
+
+
 def _ratio(text: str) -> float | None:
     if text.strip().lower() in ("none", "lossless"):
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'none' for lossless)") from None
+    value = _convert(float, text, "a number (or 'none' for lossless)")
+    from .allocation import check_compression_ratio
+
     try:
         check_compression_ratio(value)
     except ValueError:
@@ -67,55 +129,21 @@ def _ratio(text: str) -> float | None:
     return value
 
 
-def _checked_float(check):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        try:
-            check(value)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-        return value
+def _allocation_check(name: str) -> Callable[[float], None]:
+    """``impart_peft.allocation.<name>``, imported when an option is parsed (it needs torch)."""
 
-    return parse
+    def check(value: float) -> None:
+        from . import allocation
+
+        getattr(allocation, name)(value)
+
+    return check
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"the seed must be a non-negative integer, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers, e.g. 8,4,3,2"
-        ) from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+_seed = _checked(int, _at_least(0, "the seed must be a non-negative integer, got {}"), "an integer")
+_positive_int = _checked(int, _at_least(2, "must be at least 2, got {}"), "an integer")
+_int_list = _list_of(int, "a comma-separated list of integers, e.g. 8,4,3,2")
+_float_list = _list_of(float, "a comma-separated list of numbers")
 
 
 def _quantization(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -147,8 +175,21 @@ def _repo_id(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ commands
+def _say(args: argparse.Namespace, message: str) -> None:
+    """Print ``message`` unless ``--quiet``."""
+    if not args.quiet:
+        print(message)
+
+
+def _writing(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of every command that writes a folder (``_device_option`` and ``_output_options``)."""
+    return {"device": args.device, "overwrite": args.overwrite, "progress": not args.quiet}
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from .checkpoints import compress_checkpoints, inspect_adapter
+    from .checkpoint_compress import compress_checkpoints
+    from .config import ImPartConfig
+    from .inspection import inspect_adapter
 
     push = _push_function() if args.push_to_hub else None  # fail before hours of work, not after
     config = ImPartConfig(
@@ -165,10 +206,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         args.finetuned,
         args.output,
         config,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
         command=getattr(args, "command_line", None),
+        **_writing(args),
     )
     if not args.quiet:
         summary = inspect_adapter(output)
@@ -178,8 +217,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         )
     if push is not None:
         result = push(str(output), args.push_to_hub)
-        if not args.quiet:
-            print(f"pushed to {args.push_to_hub}: {getattr(result, 'commit_url', result)}")
+        _say(args, f"pushed to {args.push_to_hub}: {getattr(result, 'commit_url', result)}")
     return 0
 
 
@@ -215,7 +253,7 @@ def _push_function():
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoints import inspect_adapter
+    from .inspection import inspect_adapter
 
     summary = inspect_adapter(args.adapter)
     if args.json:
@@ -310,21 +348,22 @@ def _summary_dict(summary) -> dict[str, Any]:
     }
 
 
+def _wrote_model(output: Path, args: argparse.Namespace) -> int:
+    _say(args, f"wrote {output}: load it with AutoModelForCausalLM.from_pretrained({str(output)!r})")
+    return 0
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .checkpoints import apply_adapter
+    from .checkpoint_apply import apply_adapter
 
     output = apply_adapter(
         args.base,
         args.adapter,
         args.output,
         max_shard_size=args.max_shard_size,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
+        **_writing(args),
     )
-    if not args.quiet:
-        print(f"wrote {output}: load it with AutoModelForCausalLM.from_pretrained({str(output)!r})")
-    return 0
+    return _wrote_model(output, args)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -349,18 +388,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         pre_prune_ratio=args.pre_prune,
         importance_exponent=args.exponent,
         output_dir=output,
-        device=args.device,
         max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
+        **_writing(args),
     )
-    if not args.quiet:
-        print(f"wrote {output}: load it with AutoModelForCausalLM.from_pretrained({str(output)!r})")
-    return 0
+    return _wrote_model(output, args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoints import evaluate_adapter
+    from .evaluation import evaluate_adapter
 
     text = None
     if args.text is not None:
@@ -434,86 +469,89 @@ def _print_table(rows: list[tuple[str, ...]], right: set[int], total: bool = Fal
 
 
 # ------------------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    """The ``impart`` argument parser (subcommands compress, inspect, apply, eval)."""
-    parser = _Parser(
-        prog="impart",
-        description="Ship a full fine-tune as a small ImPart adapter (PEFT), and use it.",
-        epilog="Run 'impart COMMAND --help' for a command's options. Documentation: docs/cli.md.",
+def _debug_option(sub: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a --debug before the command is not overwritten by this one's default.
+    sub.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    from . import __version__
 
-    parser.add_argument("--version", action="version", version=f"impart-peft {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name,
-            help=help_text,
-            description=description,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        # SUPPRESS: a --debug before the command is not overwritten by this one's default.
-        sub.add_argument(
-            "--debug",
-            action="store_true",
-            default=argparse.SUPPRESS,
-            help="show the full traceback on errors",
-        )
-        return sub
+def _positionals(sub: argparse.ArgumentParser, *names: tuple[str, str, str]) -> None:
+    for dest, metavar, help_text in names:
+        sub.add_argument(dest, metavar=metavar, help=help_text)
 
-    def device_option(sub: argparse.ArgumentParser, what: str) -> None:
-        sub.add_argument("--device", default=None, help=f"where to {what}: cpu (default), cuda, cuda:1, ...")
 
-    compress = command(
-        "compress",
-        "compress a fine-tune against its base into an ImPart adapter",
-        "Compress FINETUNED - BASE into an ImPart adapter folder OUTPUT, reading one tensor pair at a time "
-        "(memory stays\nbounded by a few tensors). BASE and FINETUNED are local folders or Hub repo ids with "
-        "config.json and\nsafetensors weights (sharded or not). The defaults are ImPartConfig's.",
+def _device_option(sub: argparse.ArgumentParser, what: str) -> None:
+    sub.add_argument("--device", default=None, help=f"where to {what}: cpu (default), cuda, cuda:1, ...")
+
+
+def _output_options(sub: argparse.ArgumentParser, quiet: str = "no progress bar and no summary") -> None:
+    sub.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    sub.add_argument("--quiet", action="store_true", help=quiet)
+
+
+def _shard_option(sub: argparse.ArgumentParser, help_text: str) -> None:
+    sub.add_argument("--max-shard-size", default="5GB", help=help_text)
+
+
+def _json_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _impart_options(sub: argparse.ArgumentParser, pre_prune: str, exponent: str) -> None:
+    """--pre-prune and --exponent, checked and defaulted as ImPartConfig checks and defaults them."""
+    defaults = _config_defaults()
+    sub.add_argument(
+        "--pre-prune",
+        type=_checked(float, _allocation_check("check_pre_prune_ratio")),
+        default=defaults["pre_prune_ratio"],
+        metavar="BETA",
+        help=f"{pre_prune} (default: %(default)s)",
     )
-    compress.add_argument("base", metavar="BASE", help="the base model: folder or Hub repo id")
-    compress.add_argument(
-        "finetuned", metavar="FINETUNED", help="the full fine-tune of BASE: folder or Hub repo id"
+    sub.add_argument(
+        "--exponent",
+        type=_checked(float, _allocation_check("check_importance_exponent")),
+        default=defaults["importance_exponent"],
+        metavar="C",
+        help=f"{exponent} (default: %(default)s)",
     )
-    compress.add_argument("output", metavar="OUTPUT", help="the adapter folder to write")
-    compress.add_argument(
+
+
+def _compress_arguments(sub: argparse.ArgumentParser) -> None:
+    defaults = _config_defaults()
+    _positionals(
+        sub,
+        ("base", "BASE", "the base model: folder or Hub repo id"),
+        ("finetuned", "FINETUNED", "the full fine-tune of BASE: folder or Hub repo id"),
+        ("output", "OUTPUT", "the adapter folder to write"),
+    )
+    sub.add_argument(
         "--ratio",
         type=_ratio,
-        default=_DEFAULTS["compression_ratio"],
+        default=defaults["compression_ratio"],
         help="compression ratio: dense delta values / stored values, > 1, or 'none' for lossless "
         "(default: %(default)s)",
     )
-    compress.add_argument(
-        "--pre-prune",
-        type=_checked_float(check_pre_prune_ratio),
-        default=_DEFAULTS["pre_prune_ratio"],
-        metavar="BETA",
-        help="fraction of the smallest singular pairs dropped whole, in [0, 1) (default: %(default)s)",
+    _impart_options(
+        sub,
+        "fraction of the smallest singular pairs dropped whole, in [0, 1)",
+        "importance exponent C > 0",
     )
-    compress.add_argument(
-        "--exponent",
-        type=_checked_float(check_importance_exponent),
-        default=_DEFAULTS["importance_exponent"],
-        metavar="C",
-        help="importance exponent C > 0 (default: %(default)s)",
+    sub.add_argument(
+        "--seed", type=_seed, default=defaults["seed"], help="seed of the masks (default: %(default)s)"
     )
-    compress.add_argument(
-        "--seed", type=_seed, default=_DEFAULTS["seed"], help="seed of the masks (default: %(default)s)"
-    )
-    compress.add_argument(
+    sub.add_argument(
         "--svd-dtype",
         choices=("float32", "float64"),
-        default=_DEFAULTS["svd_dtype"],
+        default=defaults["svd_dtype"],
         help="precision of the SVD (default: %(default)s)",
     )
-    compress.add_argument(
+    sub.add_argument(
         "--no-embeddings",
         action="store_true",
         help="leave the input embeddings and the output head out (they stay the base's)",
     )
-    compress.add_argument(
+    sub.add_argument(
         "--bits",
         type=_int_list,
         default=None,
@@ -521,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ImPart-QT: store the kept factor values as integers of these widths (1 to 8), the pairs with the "
         "largest singular values first, e.g. 8,4,3,2; --ratio then counts bits (see docs/quantization.md)",
     )
-    compress.add_argument(
+    sub.add_argument(
         "--bit-fractions",
         type=_float_list,
         default=None,
@@ -529,194 +567,233 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --bits: share of the stored pairs at each width, summing to 1 (default: each tier twice the "
         "one above, 1/15,2/15,4/15,8/15 for four widths)",
     )
-    compress.add_argument(
+    sub.add_argument(
         "--group-size",
         type=int,
         default=None,
         metavar="G",
         help="with --bits: values of one column sharing a float16 scale (default: 128)",
     )
-    device_option(compress, "run the SVDs (cuda is much faster; the bytes written depend on the device)")
-    compress.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    compress.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-    compress.add_argument(
+    _device_option(sub, "run the SVDs (cuda is much faster; the bytes written depend on the device)")
+    _output_options(sub)
+    sub.add_argument(
         "--push-to-hub",
         type=_repo_id,
         default=None,
         metavar="ORG/NAME",
         help="upload the adapter to this Hub repo when done",
     )
-    compress.set_defaults(func=_cmd_compress)
 
-    inspect = command(
-        "inspect",
-        "show an adapter's modules, kept pairs and compression ratios",
-        "Show, per module of an ImPart adapter (folder or Hub repo id): its shape, kept singular pairs, stored "
-        "values,\nthe nominal compression ratio (dense matrix values / kept factor values) and the on-disk ratio "
-        "(dense delta\nbytes in the fine-tune's dtype / bytes stored), and the totals. Reads no tensor.",
-    )
-    inspect.add_argument("adapter", metavar="ADAPTER", help="the adapter: folder or Hub repo id")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    inspect.set_defaults(func=_cmd_inspect)
 
-    apply = command(
-        "apply",
-        "write base + adapter as a standard transformers checkpoint",
-        "Write BASE + ADAPTER as a standard transformers model folder OUTPUT (the merged fine-tune): sharded "
-        "safetensors\nin the base's dtypes, the base's config.json, and tokenizer/generation files (the "
-        "adapter's if it has them,\nelse the base's). One tensor at a time; the same weights as "
-        "PeftModel.merge_and_unload().",
-    )
-    apply.add_argument("base", metavar="BASE", help="the base model the adapter was compressed against")
-    apply.add_argument("adapter", metavar="ADAPTER", help="the ImPart adapter: folder or Hub repo id")
-    apply.add_argument("output", metavar="OUTPUT", help="the model folder to write")
-    apply.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        help="largest safetensors shard, e.g. 5GB, 500MB (default: %(default)s)",
-    )
-    device_option(apply, "rebuild the deltas")
-    apply.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    apply.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-    apply.set_defaults(func=_cmd_apply)
+def _inspect_arguments(sub: argparse.ArgumentParser) -> None:
+    _positionals(sub, ("adapter", "ADAPTER", "the adapter: folder or Hub repo id"))
+    _json_option(sub)
 
-    merge = command(
-        "merge",
-        "merge several fine-tunes of one base (task arithmetic or TIES, ImPart / DARE sparsified)",
-        "Merge fine-tunes FT1 FT2 ... of BASE into a standard transformers model folder OUTPUT, one tensor at a\n"
-        "time: each task vector FT_i - BASE is sparsified (its matrices; ImPart by default, at --density), then\n"
-        "merged by task arithmetic (BASE + lambda * sum_i w_i tau_i) or TIES (elected sign, disjoint mean).\n"
-        "The weights are written in the base's dtypes. See docs/merging.md.",
+
+def _apply_arguments(sub: argparse.ArgumentParser) -> None:
+    _positionals(
+        sub,
+        ("base", "BASE", "the base model the adapter was compressed against"),
+        ("adapter", "ADAPTER", "the ImPart adapter: folder or Hub repo id"),
+        ("output", "OUTPUT", "the model folder to write"),
     )
-    merge.usage = "impart merge [options] BASE FT1 [FT2 ...] OUTPUT"
-    merge.add_argument(
+    _shard_option(sub, "largest safetensors shard, e.g. 5GB, 500MB (default: %(default)s)")
+    _device_option(sub, "rebuild the deltas")
+    _output_options(sub)
+
+
+def _merge_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.usage = "impart merge [options] BASE FT1 [FT2 ...] OUTPUT"
+    sub.add_argument(
         "models",
         nargs="+",
         metavar="PATH",
         help="BASE, then the fine-tunes FT1 FT2 ... (folders or Hub repo ids), then OUTPUT (the folder to write)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--method",
         choices=("task_arithmetic", "ties"),
         default="task_arithmetic",
         help="how the task vectors are merged (default: %(default)s)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--sparsify",
         choices=("impart", "dare", "magnitude", "none"),
         default="impart",
         help="how each task vector's matrices are sparsified first (default: %(default)s)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--density",
         type=float,
         default=0.2,
         help="fraction of each task vector kept, in (0, 1]; ImPart / DARE at ratio 1/density (default: %(default)s)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--weights",
         type=_float_list,
         default=None,
         metavar="W1,W2,...",
         help="one weight per fine-tune (default 1)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--scaling",
         type=float,
         default=1.0,
         metavar="LAMBDA",
         help="scale of the merged task vector (default 1)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="divide by the sum of the contributing weights (default: yes for TIES, no for task arithmetic)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--majority-sign",
         choices=("total", "frequency"),
         default="total",
         help="TIES sign election: sign of the weighted sum, or of the count of signs (default: %(default)s)",
     )
-    merge.add_argument(
+    sub.add_argument(
         "--seed", type=_seed, default=0, help="seed of ImPart's / DARE's masks (fine-tune i: seed + i)"
     )
-    merge.add_argument(
-        "--pre-prune",
-        type=_checked_float(check_pre_prune_ratio),
-        default=_DEFAULTS["pre_prune_ratio"],
-        metavar="BETA",
-        help="ImPart's pre-pruning ratio (default: %(default)s)",
-    )
-    merge.add_argument(
-        "--exponent",
-        type=_checked_float(check_importance_exponent),
-        default=_DEFAULTS["importance_exponent"],
-        metavar="C",
-        help="ImPart's importance exponent (default: %(default)s)",
-    )
-    merge.add_argument(
-        "--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)"
-    )
-    device_option(merge, "run the SVDs")
-    merge.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    merge.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-    merge.set_defaults(func=_cmd_merge)
+    _impart_options(sub, "ImPart's pre-pruning ratio", "ImPart's importance exponent")
+    _shard_option(sub, "largest safetensors shard (default: %(default)s)")
+    _device_option(sub, "run the SVDs")
+    _output_options(sub)
 
-    evaluate = command(
+
+def _eval_arguments(sub: argparse.ArgumentParser) -> None:
+    _positionals(
+        sub,
+        ("base", "BASE", "the base model: folder or Hub repo id"),
+        ("finetuned", "FINETUNED", "the fine-tune: folder or Hub repo id"),
+        ("adapter", "ADAPTER", "the ImPart adapter: folder or Hub repo id"),
+    )
+    sub.add_argument("--text", metavar="FILE", default=None, help="a UTF-8 text file to evaluate on")
+    sub.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=1024,
+        help="tokens of the text used (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype the models run in; auto = the checkpoints' (default: %(default)s)",
+    )
+    _device_option(sub, "run the models")
+    _json_option(sub)
+    sub.add_argument("--quiet", action="store_true", help="no loading progress bars")
+
+
+def _push_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("adapter", metavar="ADAPTER", help="the adapter folder (from `impart compress`)")
+    sub.add_argument("repo_id", metavar="ORG/NAME", type=_repo_id, help="the Hub repo to push to")
+    sub.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its own)"
+    )
+    sub.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (default: main)")
+    sub.add_argument(
+        "--tag", action="append", default=[], metavar="TAG", help="a task tag for the card (repeatable)"
+    )
+    sub.add_argument(
+        "--license", default=None, metavar="ID", help="license of the fine-tune, e.g. apache-2.0"
+    )
+    sub.add_argument("--message", default=None, help="commit message")
+    sub.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or login)")
+
+
+# name, one-line help, description, options, what runs it
+_COMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]], ...] = (
+    (
+        "compress",
+        "compress a fine-tune against its base into an ImPart adapter",
+        "Compress FINETUNED - BASE into an ImPart adapter folder OUTPUT, reading one tensor pair at a time "
+        "(memory stays\nbounded by a few tensors). BASE and FINETUNED are local folders or Hub repo ids with "
+        "config.json and\nsafetensors weights (sharded or not). The defaults are ImPartConfig's.",
+        _compress_arguments,
+        _cmd_compress,
+    ),
+    (
+        "inspect",
+        "show an adapter's modules, kept pairs and compression ratios",
+        "Show, per module of an ImPart adapter (folder or Hub repo id): its shape, kept singular pairs, stored "
+        "values,\nthe nominal compression ratio (dense matrix values / kept factor values) and the on-disk ratio "
+        "(dense delta\nbytes in the fine-tune's dtype / bytes stored), and the totals. Reads no tensor.",
+        _inspect_arguments,
+        _cmd_inspect,
+    ),
+    (
+        "apply",
+        "write base + adapter as a standard transformers checkpoint",
+        "Write BASE + ADAPTER as a standard transformers model folder OUTPUT (the merged fine-tune): sharded "
+        "safetensors\nin the base's dtypes, the base's config.json, and tokenizer/generation files (the "
+        "adapter's if it has them,\nelse the base's). One tensor at a time; the same weights as "
+        "PeftModel.merge_and_unload().",
+        _apply_arguments,
+        _cmd_apply,
+    ),
+    (
+        "merge",
+        "merge several fine-tunes of one base (task arithmetic or TIES, ImPart / DARE sparsified)",
+        "Merge fine-tunes FT1 FT2 ... of BASE into a standard transformers model folder OUTPUT, one tensor at a\n"
+        "time: each task vector FT_i - BASE is sparsified (its matrices; ImPart by default, at --density), then\n"
+        "merged by task arithmetic (BASE + lambda * sum_i w_i tau_i) or TIES (elected sign, disjoint mean).\n"
+        "The weights are written in the base's dtypes. See docs/merging.md.",
+        _merge_arguments,
+        _cmd_merge,
+    ),
+    (
         "eval",
         "measure how close base + adapter is to the fine-tune",
         "Next-token KL(fine-tune || base + adapter) and KL(fine-tune || base), in nats per token, and the "
         "perplexities\nof the fine-tune, base + adapter and the base on a text (a built-in English text by "
         "default). The text is\ntokenised with the base's tokenizer, else the fine-tune's, else taken as UTF-8 "
         "bytes. One model in memory at a time.",
-    )
-    evaluate.add_argument("base", metavar="BASE", help="the base model: folder or Hub repo id")
-    evaluate.add_argument("finetuned", metavar="FINETUNED", help="the fine-tune: folder or Hub repo id")
-    evaluate.add_argument("adapter", metavar="ADAPTER", help="the ImPart adapter: folder or Hub repo id")
-    evaluate.add_argument("--text", metavar="FILE", default=None, help="a UTF-8 text file to evaluate on")
-    evaluate.add_argument(
-        "--max-tokens",
-        type=_positive_int,
-        default=1024,
-        help="tokens of the text used (default: %(default)s)",
-    )
-    evaluate.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="dtype the models run in; auto = the checkpoints' (default: %(default)s)",
-    )
-    device_option(evaluate, "run the models")
-    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    evaluate.add_argument("--quiet", action="store_true", help="no loading progress bars")
-    evaluate.set_defaults(func=_cmd_eval)
-
-    push = command(
+        _eval_arguments,
+        _cmd_eval,
+    ),
+    (
         "push",
         "upload an adapter folder to the Hub with its model card",
         "Upload the ImPart adapter folder ADAPTER to the Hub repo ORG/NAME (created if needed) in one commit:\n"
         "adapter_config.json, adapter_model.safetensors, the tokenizer files it has, and a generated model card\n"
         "(README.md). The token is HF_TOKEN or the one saved by `hf auth login`, unless --token is given.",
+        _push_arguments,
+        _cmd_push,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``impart`` argument parser (subcommands compress, inspect, apply, merge, eval, push). A command's options
+    are built when it is parsed or its help shown, so that ``impart --help`` imports neither PEFT nor torch."""
+    from ._version import __version__
+
+    parser = _Parser(
+        prog="impart",
+        description="Ship a full fine-tune as a small ImPart adapter (PEFT), and use it.",
+        epilog="Run 'impart COMMAND --help' for a command's options. Documentation: docs/cli.md.",
     )
-    push.add_argument("adapter", metavar="ADAPTER", help="the adapter folder (from `impart compress`)")
-    push.add_argument("repo_id", metavar="ORG/NAME", type=_repo_id, help="the Hub repo to push to")
-    push.add_argument(
-        "--private", action="store_true", help="create the repo private (an existing repo keeps its own)"
-    )
-    push.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (default: main)")
-    push.add_argument(
-        "--tag", action="append", default=[], metavar="TAG", help="a task tag for the card (repeatable)"
-    )
-    push.add_argument(
-        "--license", default=None, metavar="ID", help="license of the fine-tune, e.g. apache-2.0"
-    )
-    push.add_argument("--message", default=None, help="commit message")
-    push.add_argument(
-        "--token", default=None, help="Hub token with write access (default: HF_TOKEN or login)"
-    )
-    push.set_defaults(func=_cmd_push)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"impart-peft {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, description, arguments, run in _COMMANDS:
+
+        def populate(sub: argparse.ArgumentParser, arguments=arguments, run=run) -> None:
+            _debug_option(sub)
+            arguments(sub)
+            sub.set_defaults(func=run)
+
+        commands.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            populate=populate,
+        )
     return parser
 
 
