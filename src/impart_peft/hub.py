@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDE_FILE_PATTERNS
-from .modelcard import build_model_card, is_local_path, read_card_inputs, write_model_card
+from .modelcard import folder_card, read_card_inputs, write_model_card
 
 __all__ = [
     "ADAPTER_FILES",
@@ -222,24 +222,14 @@ def push_adapter(
 
     folder = os.fspath(folder)
     data = _check_adapter_folder(folder)
-    previous: dict[str, Any] = {}
-    readme = os.path.join(folder, README_NAME)
-    if os.path.isfile(readme):
-        with open(readme, encoding="utf-8", errors="replace") as handle:
-            previous = read_card_inputs(handle.read())
-    card = build_model_card(
+    card = folder_card(
+        folder,
         data,
-        adapter_bytes=os.path.getsize(os.path.join(folder, WEIGHTS_NAME)),
         repo_id=repo_id,
-        finetuned_num_parameters=(
-            finetuned_num_parameters
-            if finetuned_num_parameters is not None
-            else previous.get("finetuned_num_parameters")
-        ),
-        tags=list(previous.get("tags", [])) + list(tags or []),
-        license=license if license is not None else previous.get("license"),
-        command=command if command is not None else previous.get("command"),
-        base_is_local=is_local_path(data.get("base_model_name_or_path")),
+        finetuned_num_parameters=finetuned_num_parameters,
+        tags=tags,
+        license=license,
+        command=command,
     )
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))

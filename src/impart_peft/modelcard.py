@@ -444,6 +444,41 @@ def read_card_inputs(text: str) -> dict[str, Any]:
     return {k: data[k] for k in keys if data.get(k) not in (None, [], "")}
 
 
+def folder_card(
+    folder: str,
+    data: Mapping[str, Any],
+    *,
+    repo_id: str | None = None,
+    finetuned_num_parameters: int | None = None,
+    tags: Sequence[str] | None = None,
+    license: str | None = None,
+    command: str | None = None,
+    versions: Mapping[str, str] | None = None,
+) -> str:
+    """The card of the adapter saved in ``folder`` (``data``: its ``adapter_config.json``): the inputs not given are
+    taken from a card written there before (see :func:`read_card_inputs`), the tags given are added to those."""
+    previous: dict[str, Any] = {}
+    readme = os.path.join(folder, "README.md")
+    if os.path.isfile(readme):
+        with open(readme, encoding="utf-8", errors="replace") as handle:
+            previous = read_card_inputs(handle.read())
+    return build_model_card(
+        data,
+        adapter_bytes=os.path.getsize(os.path.join(folder, "adapter_model.safetensors")),
+        repo_id=repo_id,
+        finetuned_num_parameters=(
+            finetuned_num_parameters
+            if finetuned_num_parameters is not None
+            else previous.get("finetuned_num_parameters")
+        ),
+        tags=list(previous.get("tags", [])) + list(tags or []),
+        license=license if license is not None else previous.get("license"),
+        command=command if command is not None else previous.get("command"),
+        versions=versions,
+        base_is_local=is_local_path(data.get("base_model_name_or_path")),
+    )
+
+
 def write_model_card(
     folder: str | os.PathLike,
     *,
@@ -470,26 +505,17 @@ def write_model_card(
             )
     with open(config_path, encoding="utf-8") as handle:
         data = json.load(handle)
-    readme = os.path.join(folder, "README.md")
-    previous: dict[str, Any] = {}
-    if os.path.isfile(readme):
-        with open(readme, encoding="utf-8", errors="replace") as handle:
-            previous = read_card_inputs(handle.read())
-    text = build_model_card(
+    text = folder_card(
+        folder,
         data,
-        adapter_bytes=os.path.getsize(weights_path),
         repo_id=repo_id,
-        finetuned_num_parameters=(
-            finetuned_num_parameters
-            if finetuned_num_parameters is not None
-            else previous.get("finetuned_num_parameters")
-        ),
-        tags=list(previous.get("tags", [])) + list(tags or []),
-        license=license if license is not None else previous.get("license"),
-        command=command if command is not None else previous.get("command"),
+        finetuned_num_parameters=finetuned_num_parameters,
+        tags=tags,
+        license=license,
+        command=command,
         versions=versions,
-        base_is_local=is_local_path(data.get("base_model_name_or_path")),
     )
+    readme = os.path.join(folder, "README.md")
     write_text_atomic(readme, text)
     return text
 
