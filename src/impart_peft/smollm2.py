@@ -119,13 +119,28 @@ def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     config.pop("quantization_config", None)
     config = type(model.config).from_dict(config)
     dtype = next(model.parameters()).dtype
-    copy = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Built on the meta device: a CPU build would first fill 134M parameters with random values (seconds) only
+    # for them to be overwritten. Every tensor then gets its copy by assignment.
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    clones: dict[int, torch.Tensor] = {}  # one clone per shared tensor, so tied weights are not copied twice
+    state = {
+        name: clones.setdefault(id(tensor), tensor.detach().clone())
+        for name, tensor in model.state_dict().items()
+    }
     with torch.no_grad():
-        missing, unexpected = copy.load_state_dict(model.state_dict(), strict=False)
-    # The only key allowed to be absent is a tied head's (its weight is the embedding matrix, loaded once).
-    tied = set(getattr(copy, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
+        missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
+    copy.tie_weights()  # assignment gives each name its own Parameter: tie the head to the embeddings again
+    # Buffers left out of the state dict (rotary frequencies) are computed, not loaded: take the source's.
+    source_buffers = dict(model.named_buffers())
+    for name, buffer in list(copy.named_buffers()):
+        if buffer.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(leaf, source_buffers[name].clone(), persistent=False)
+    still_meta = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.device.type == "meta"]
+    if unexpected or still_meta:
         raise ValueError(
-            f"plain_copy: weights do not fit (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            f"plain_copy: weights do not fit (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"not filled {still_meta[:5]})"
         )
     return copy.eval()
