@@ -188,9 +188,7 @@ def test_inspect_counts_match_the_file(pair):
     for module in summary.modules:
         own = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == f"base_model.model.{module.name}"}
         assert module.stored_bytes == sum(t.numel() * t.element_size() for t in own.values())
-        assert module.stored_values == sum(
-            t.numel() for k, t in own.items() if not k.endswith("keep_count")
-        )
+        assert module.stored_values == sum(t.numel() for k, t in own.items() if not k.endswith("keep_count"))
         if module.kind in ("linear", "conv1d", "embedding"):
             u = own[f"base_model.model.{module.name}.impart_u_values"]
             v = own[f"base_model.model.{module.name}.impart_v_values"]

@@ -64,6 +64,21 @@ def test_compress_defaults_match_from_finetuned(pair, reference, tmp_path, capsy
     assert capsys.readouterr().out == ""  # --quiet: no summary either
 
 
+def test_compress_with_the_rescaled_allocation_matches_from_finetuned(pair, tmp_path, capsys):
+    _, base_dir, ft_dir = pair
+    config = ImPartConfig(compression_ratio=8.0, allocation="rescaled")
+    reference_adapter(base_dir, ft_dir, config, tmp_path / "reference")
+    out = tmp_path / "rescaled"
+    argv = ["compress", os.fspath(base_dir), os.fspath(ft_dir), os.fspath(out), "--ratio", "8"]
+    assert main([*argv, "--allocation", "rescaled", "--quiet"]) == 0
+    assert weights(out) == weights(tmp_path / "reference")
+    assert json.loads((out / "adapter_config.json").read_text())["allocation"] == "rescaled"
+    assert main(["inspect", os.fspath(out)]) == 0
+    assert "allocation rescaled" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv, "--allocation", "dare"])
+
+
 def test_console_script_matches_from_finetuned(pair, tmp_path):
     root, base_dir, ft_dir = pair
     config = ImPartConfig(compression_ratio=4.0, pre_prune_ratio=0.5, importance_exponent=0.5, seed=3)
@@ -102,6 +117,7 @@ def test_parser_defaults_are_the_config_defaults():
     assert args.exponent == defaults.importance_exponent
     assert args.seed == defaults.seed
     assert args.svd_dtype == defaults.svd_dtype
+    assert args.allocation == defaults.allocation == "paper"
     assert (not args.no_embeddings) == defaults.include_embeddings
     fields = {f.name for f in dataclasses.fields(ImPartConfig)}
     assert {"compression_ratio", "pre_prune_ratio", "importance_exponent", "seed"} <= fields

@@ -196,6 +196,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         compression_ratio=args.ratio,
         pre_prune_ratio=args.pre_prune,
         importance_exponent=args.exponent,
+        allocation=args.allocation,
         seed=args.seed,
         svd_dtype=args.svd_dtype,
         include_embeddings=not args.no_embeddings,
@@ -266,7 +267,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"fine-tune:  {config.finetuned_model_name_or_path}")
     print(
         f"settings:   ratio {ratio}, pre-prune {config.pre_prune_ratio:g}, exponent {config.importance_exponent:g}, "
-        f"seed {config.seed}, svd {config.svd_dtype}"
+        f"allocation {config.allocation}, seed {config.seed}, svd {config.svd_dtype}"
         + (
             f", bits {'/'.join(str(b) for b in config.quantization['bits'])} (group {config.quantization['group_size']})"
             if config.quantization
@@ -536,6 +537,13 @@ def _compress_arguments(sub: argparse.ArgumentParser) -> None:
         sub,
         "fraction of the smallest singular pairs dropped whole, in [0, 1)",
         "importance exponent C > 0",
+    )
+    sub.add_argument(
+        "--allocation",
+        choices=("paper", "rescaled"),
+        default=defaults["allocation"],
+        help="allocation rule: 'paper' (the authors' code: gamma fixed, whole pairs dropped from the end) or "
+        "'rescaled' (gamma re-solved; see docs/algorithm.md) (default: %(default)s)",
     )
     sub.add_argument(
         "--seed", type=_seed, default=defaults["seed"], help="seed of the masks (default: %(default)s)"
