@@ -38,7 +38,7 @@ LAYERS = {
         "safetensors_io",
     },
     # the PEFT tuner: the adapter type and what builds it in memory
-    "tuner": {"registration", "config", "layer", "model", "compressor", "merging"},
+    "tuner": {"registration", "config", "layer", "model", "compressor", "merging", "validation"},
     # checkpoints on disk, the Hub, the command line, the package's own glue
     "edge": {
         "__init__",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_io import ADAPTER_FORMAT_VERSION
 from .checkpoint_io import (
     Checkpoint,
     atomic_folder,
@@ -35,6 +36,7 @@ from .config import ImPartConfig
 from .filenames import ADAPTER_PREFIX, ADAPTER_WEIGHTS
 from .modelcard import write_model_card
 from .safetensors_io import SAFETENSORS_METADATA, Spill
+from .validation import adapter_digest
 
 __all__ = ["compress_checkpoints"]
 
@@ -214,6 +216,7 @@ def compress_checkpoints(
             spill.close()
 
         config.module_meta = module_meta
+        config.integrity = adapter_digest(module_meta, config.seed, ADAPTER_FORMAT_VERSION)
         config.base_fingerprint = {n: fingerprints[n] for n in module_meta if n in fingerprints}
         config.base_model_name_or_path = os.fspath(base)
         config.finetuned_model_name_or_path = os.fspath(finetuned)

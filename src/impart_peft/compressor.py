@@ -17,10 +17,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapter_io import ADAPTER_FORMAT_VERSION
 from .config import ImPartConfig
 from .delta import all_finite, compress_delta
 from .fingerprint import weight_fingerprint
 from .quantization import compress_delta_quantized
+from .validation import adapter_digest, module_digest
 
 __all__ = ["ModulePlan", "compress_module", "from_finetuned", "plan_modules", "vector_delta_dtype"]
 
@@ -106,6 +108,7 @@ def compress_module(
     if plan.kind == "tied":
         base_weight = base_params["weight"]
         meta = {"kind": "tied", "tied_to": plan.tied_to, "shape": list(base_weight.shape)}
+        meta["digest"] = module_digest(plan.name, meta, config.seed, ADAPTER_FORMAT_VERSION, {})
         return meta, {}, None
     names = sorted(set(base_params) | set(finetuned_params))
     for param_name in names:
@@ -140,41 +143,27 @@ def compress_module(
             delta_rows -= base_rows.to(work_device, torch.float32)
         meta["shape"] = list(delta.shape)
         meta["dtype"] = str(ft_weight.dtype).removeprefix("torch.")
-        if bool(delta.any()) and config.quantization is not None:
-            # ImPart-QT: the same masks, the values as packed integer codes, the ratio counted in bits.
-            compressed = compress_delta_quantized(
-                delta,
+        if bool(delta.any()):
+            settings = dict(
                 compression_ratio=config.compression_ratio,
-                quantization=config.quantization,
                 pre_prune_ratio=config.pre_prune_ratio,
                 importance_exponent=config.importance_exponent,
                 seed=config.seed,
                 name=plan.name,
                 svd_dtype=getattr(torch, config.svd_dtype),
-                reference_dtype=ft_weight.dtype,
                 allocation=config.allocation,
             )
+            if config.quantization is not None:
+                # ImPart-QT: the same masks, the values as packed integer codes, the ratio counted in bits.
+                compressed = compress_delta_quantized(
+                    delta, quantization=config.quantization, reference_dtype=ft_weight.dtype, **settings
+                )
+                meta["quantized"] = compressed.meta()
+            else:
+                compressed = compress_delta(delta, storage_dtype=ft_weight.dtype, **settings)
             meta["rank"] = compressed.rank
             meta["u_count"] = compressed.u_count
             meta["v_count"] = compressed.v_count
-            meta["quantized"] = compressed.meta()
-            for key, tensor in compressed.state_dict().items():
-                tensors[f"impart_{key}"] = tensor.cpu()
-        elif bool(delta.any()):
-            compressed = compress_delta(
-                delta,
-                compression_ratio=config.compression_ratio,
-                pre_prune_ratio=config.pre_prune_ratio,
-                importance_exponent=config.importance_exponent,
-                seed=config.seed,
-                name=plan.name,
-                svd_dtype=getattr(torch, config.svd_dtype),
-                storage_dtype=ft_weight.dtype,
-                allocation=config.allocation,
-            )
-            meta["rank"] = compressed.rank
-            meta["u_count"] = int(compressed.u_values.numel())
-            meta["v_count"] = int(compressed.v_values.numel())
             for key, tensor in compressed.state_dict().items():
                 tensors[f"impart_{key}"] = tensor.cpu()
         else:
@@ -201,6 +190,9 @@ def compress_module(
         meta["vectors"] = vectors
     if not tensors:
         return None, {}, fingerprint
+    # Ties the seed, the name and the tensors together: a loader refuses an edited seed or a flipped bit
+    # (impart_peft.validation), which no size check can see.
+    meta["digest"] = module_digest(plan.name, meta, config.seed, ADAPTER_FORMAT_VERSION, tensors)
     return meta, tensors, fingerprint
 
 
@@ -285,6 +277,7 @@ def from_finetuned(
             "The fine-tune is identical to the base in every targeted module: nothing to compress"
         )
     config.module_meta = module_meta
+    config.integrity = adapter_digest(module_meta, config.seed, ADAPTER_FORMAT_VERSION)
     # The targets are module_meta's keys from now on (see ImPartModel._prepare_adapter_config).
     config.target_modules = None
     config.base_fingerprint = {n: fingerprints[n] for n in module_meta if n in fingerprints}

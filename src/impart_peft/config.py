@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .adapter_io import ADAPTER_FORMAT_VERSION, validate_adapter_folder
+from .adapter_io import ADAPTER_FORMAT_VERSION
 from .allocation import (
     ALLOCATION_RULES,
     check_compression_ratio,
@@ -70,6 +70,9 @@ class ImPartConfig(PeftConfig):
         format_version: the on-disk format of the adapter's tensors (:data:`~impart_peft.adapter_io.ADAPTER_FORMAT_VERSION`),
             recorded by the compressor; a loader refuses a compressed adapter of another version.
         finetuned_model_name_or_path: where the fine-tune came from (for the model card).
+        integrity: :func:`impart_peft.validation.adapter_digest` of ``module_meta``'s names and per-module digests,
+            recorded by the compressor and checked on load (a module added, removed or renamed is refused; see
+            docs/security.md). ``None`` (merged adapters, older files): not checked.
     """
 
     compression_ratio: float | None = field(default=16.0, metadata={"help": "dense values / stored values"})
@@ -91,6 +94,9 @@ class ImPartConfig(PeftConfig):
     base_fingerprint: dict[str, list[float]] = field(default_factory=dict, metadata={"help": "base samples"})
     finetuned_model_name_or_path: str | None = field(default=None, metadata={"help": "source fine-tune"})
     format_version: int | None = field(default=None, metadata={"help": "on-disk format of the tensors"})
+    integrity: str | None = field(
+        default=None, metadata={"help": "digest of module_meta's names and digests"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,18 +133,48 @@ class ImPartConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load ``adapter_config.json``; for a local folder, also check its weights file before anything is injected.
+        """Load ``adapter_config.json`` after checking it and its weights file (a Hub repo's files are fetched
+        first) with :func:`impart_peft.validation.validate_adapter`, before anything is injected anywhere.
 
         Raises:
-            ValueError: the folder holds another PEFT method's adapter, or its weights are missing or truncated.
+            ValueError: the folder holds another PEFT method's adapter.
+            InvalidAdapterError: (a ``ValueError``) the config or the weights are not a valid ImPart adapter.
         """
-        config = PeftConfig.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        from .validation import (
+            InvalidAdapterError,
+            resolve_adapter_files,
+            validate_adapter,
+            validate_adapter_config,
+        )
+
+        resolved = resolve_adapter_files(pretrained_model_name_or_path, subfolder, **kwargs)
+        source = os.fspath(pretrained_model_name_or_path)
+        if resolved is not None:
+            validate_adapter_config(resolved[0], source)  # before PEFT builds anything from it
+            kwargs = {**kwargs, **resolved[3]}  # the commit the checked files came from
+        try:
+            config = PeftConfig.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, KeyError) as error:
+            if resolved is None:
+                raise
+            raise InvalidAdapterError(
+                None,
+                "adapter_config.json",
+                f"{type(error).__name__}: {error}",
+                "a valid ImPartConfig",
+                source,
+            ) from None
+        except ValueError as error:
+            if resolved is None or isinstance(error, InvalidAdapterError):
+                raise
+            raise InvalidAdapterError(
+                None, "adapter_config.json", str(error), "a valid ImPartConfig", source
+            ) from None
         if not isinstance(config, ImPartConfig):
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {getattr(config.peft_type, 'value', config.peft_type)} "
                 "adapter, not an ImPart (IMPART) one: load it with its own PEFT method"
             )
-        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(folder):
-            validate_adapter_folder(folder, config.module_meta)
+        if resolved is not None:
+            validate_adapter(config, resolved[2], source=source)
         return config

@@ -541,7 +541,10 @@ def _wrap_save_pretrained(original):
         if os.path.isfile(readme):  # what our card there recorded, before PEFT rewrites it from its template
             with open(readme, encoding="utf-8", errors="replace") as handle:
                 inputs = read_card_inputs(handle.read())
-        result = original(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            result = _save_atomically(original, self, os.fspath(save_directory), args, kwargs)
+        else:
+            result = original(self, save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and os.path.isfile(
             os.path.join(os.fspath(save_directory), WEIGHTS_NAME)
         ):
@@ -562,6 +565,36 @@ def _wrap_save_pretrained(original):
 
     save_pretrained.__impart_wrapped__ = original
     return save_pretrained
+
+
+def _save_atomically(original, model, save_directory: str, args: tuple, kwargs: dict[str, Any]):
+    """PEFT's ``save_pretrained`` into a hidden scratch folder beside ``save_directory``, then each file renamed into
+    place (``os.replace``: a file is either the old one or the new one, never partial), the weights files last.
+
+    A writer killed part-way leaves at worst the new config beside the old (or no) weights, which a load refuses
+    (the digests do not match, or the weights are missing: :mod:`impart_peft.validation`), and a hidden
+    ``.<name>.partial-*`` folder; never a half-written file taken for a finished one.
+    """
+    import shutil
+
+    target = os.path.abspath(save_directory)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+    try:
+        result = original(model, scratch, *args, **kwargs)
+        files = []
+        for root, _, names in os.walk(scratch):
+            files += [os.path.relpath(os.path.join(root, name), scratch) for name in names]
+        # Configs and cards first, weights last: a kill in between leaves new configs that refuse the old weights.
+        files.sort(key=lambda rel: (os.path.basename(rel) == WEIGHTS_NAME, rel))
+        for rel in files:
+            destination = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            os.replace(os.path.join(scratch, rel), destination)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _wrap_push_to_hub(original):
@@ -613,10 +646,64 @@ def _wrap_load_adapter(original, moved: frozenset[str]):
                     f"load_adapter got {clash} both as keywords and in adapter_kwargs with other values"
                 )
             kwargs["adapter_kwargs"] = {**adapter_kwargs, **hub_kwargs}
-        return original(self, *args, **kwargs)
+        return _guarded_load_adapter(original, self, args, kwargs)
 
     load_adapter.__impart_wrapped__ = original
     return load_adapter
+
+
+def _guarded_load_adapter(original, model, args: tuple, kwargs: dict[str, Any]):
+    """transformers' ``load_adapter`` behind :func:`impart_peft.validation.guarded_load` when it is given a path or
+    repo id (an ``adapter_state_dict`` passed in memory goes through the config and base checks only)."""
+    from .validation import guarded_load
+
+    names = ("peft_model_id", "adapter_name", "peft_config", "adapter_state_dict")
+    bound = dict(zip(names, args, strict=False))
+    model_id = bound.get("peft_model_id", kwargs.get("peft_model_id"))
+    in_memory = bound.get("adapter_state_dict", kwargs.get("adapter_state_dict"))
+    given_config = bound.get("peft_config", kwargs.get("peft_config"))
+    if model_id is None or in_memory is not None or given_config is not None:
+        return original(model, *args, **kwargs)
+    adapter_kwargs = dict(kwargs.get("adapter_kwargs") or {})
+    hub_kwargs = {**adapter_kwargs}
+    if kwargs.get("local_files_only"):
+        hub_kwargs["local_files_only"] = True
+    adapter_name = bound.get("adapter_name", kwargs.get("adapter_name")) or "default"
+
+    def load(pinned: dict[str, Any]):
+        call = dict(kwargs)
+        if "revision" in pinned:  # the commit whose files were checked
+            call["adapter_kwargs"] = {**adapter_kwargs, "revision": pinned["revision"]}
+        return original(model, *args, **call)
+
+    return guarded_load(load, model, model_id, adapter_name, adapter_kwargs.get("subfolder"), hub_kwargs)
+
+
+def _wrap_from_pretrained(original):
+    """``PeftModel.from_pretrained`` behind :func:`impart_peft.validation.guarded_load` (``original`` is the
+    classmethod's function)."""
+
+    @functools.wraps(original)
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        from .config import ImPartConfig
+        from .validation import guarded_load
+
+        config = kwargs.get("config", args[2] if len(args) > 2 else None)
+        if config is not None and not isinstance(config, ImPartConfig):
+            return original(cls, model, model_id, *args, **kwargs)
+        adapter_name = kwargs.get("adapter_name", args[0] if args else "default")
+
+        def load(pinned: dict[str, Any]):
+            call = dict(kwargs)
+            if "revision" in pinned:  # the commit whose files were checked
+                call["revision"] = pinned["revision"]
+            return original(cls, model, model_id, *args, **call)
+
+        hub_kwargs = {k: kwargs.get(k) for k in ("revision", "token", "cache_dir")}
+        return guarded_load(load, model, model_id, adapter_name, kwargs.get("subfolder"), hub_kwargs, config)
+
+    from_pretrained.__impart_wrapped__ = original
+    return classmethod(from_pretrained)
 
 
 def install_peft_hooks() -> None:
@@ -627,6 +714,10 @@ def install_peft_hooks() -> None:
         current = getattr(PeftModel, name)
         if not hasattr(current, "__impart_wrapped__"):
             setattr(PeftModel, name, wrap(current))
+    # Loading an ImPart adapter is loading untrusted input: validated whole before PEFT injects anything.
+    current = PeftModel.__dict__["from_pretrained"]
+    if not hasattr(current.__func__, "__impart_wrapped__"):
+        PeftModel.from_pretrained = _wrap_from_pretrained(current.__func__)
 
 
 def install_transformers_hooks() -> None:
@@ -643,7 +734,8 @@ def install_transformers_hooks() -> None:
         k for k in DownloadKwargs.__annotations__ if k not in fields and k != "local_files_only"
     )
     current = PeftAdapterMixin.load_adapter
-    if moved and not hasattr(current, "__impart_wrapped__"):
+    # Always wrapped: an ImPart adapter is validated whole before transformers injects anything.
+    if not hasattr(current, "__impart_wrapped__"):
         PeftAdapterMixin.load_adapter = _wrap_load_adapter(current, moved)
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 import weakref
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import ImPartConfig
-from .fingerprint import check_fingerprint
 from .layer import IMPART_BUFFER_NAMES, ImPartLayer, layer_class_for
+from .validation import validate_adapter
 
 __all__ = ["ImPartModel"]
 
@@ -39,48 +37,14 @@ class ImPartModel(BaseTuner):
                 "This ImPartConfig has no module_meta: an ImPart adapter is made from a fine-tune, with "
                 "impart_peft.from_finetuned(base, finetuned, config) or `impart compress`, not trained from scratch"
             )
-        self._check_base(peft_config)
+        # The config's own fields and the base (module names, kinds, shapes, fingerprint): the part of
+        # validate_adapter that needs no file, here because every path that injects an adapter comes through here
+        # (the file itself was checked before, by ImPartConfig.from_pretrained or the load_adapter guard).
+        validate_adapter(peft_config, None, self.model)
         # module_meta is the list of targets; target_modules stays None so that PEFT's save does not mistake the
         # compressed embeddings / head for trainable embeddings and write the full base matrices into the adapter.
         peft_config.target_modules = None
         return peft_config
-
-    def _check_base(self, config: ImPartConfig) -> None:
-        """Every module of the adapter exists with the right type and shape, and the base fingerprint matches."""
-        modules = dict(self.model.named_modules())
-        problems = []
-        for name, meta in config.module_meta.items():
-            module = modules.get(name)
-            if module is None:
-                problems.append(f"module {name!r} does not exist")
-                continue
-            base = module.get_base_layer() if isinstance(module, ImPartLayer) else module
-            if meta.get("kind") in ("linear", "conv1d", "embedding", "tied"):
-                weight = getattr(base, "weight", None)
-                if weight is None or tuple(weight.shape) != tuple(meta["shape"]):
-                    got = None if weight is None else tuple(weight.shape)
-                    problems.append(
-                        f"{name!r} has weight shape {got}, the adapter expects {tuple(meta['shape'])}"
-                    )
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise ValueError(
-                f"This ImPart adapter does not fit this model ({shown}). Load it on the base model it was "
-                f"compressed from ({config.base_model_name_or_path or 'see adapter_config.json'})."
-            )
-        mode = os.environ.get("IMPART_BASE_CHECK", config.base_check)
-        if mode != "ignore":
-            mismatched = check_fingerprint(self.model, config.base_fingerprint)
-            if mismatched:
-                message = (
-                    f"The base model's weights differ from those the ImPart adapter was compressed against "
-                    f"(first mismatches: {', '.join(mismatched[:3])}). Adding the delta to another base does not give "
-                    f"the fine-tune. Load it on {config.base_model_name_or_path or 'its own base model'}, or pass "
-                    "base_check='warn' / set IMPART_BASE_CHECK=warn to proceed anyway."
-                )
-                if mode == "error":
-                    raise ValueError(message)
-                warnings.warn(message, stacklevel=2)
 
     @staticmethod
     def _check_target_module_exists(peft_config: ImPartConfig, key: str) -> bool:
