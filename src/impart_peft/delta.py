@@ -234,6 +234,7 @@ class SparseFactors:
     keep_count: torch.Tensor
     seed: int
     name: str
+    reference_dtype: torch.dtype
 
     @property
     def rank(self) -> int:
@@ -263,6 +264,26 @@ class SparseFactors:
     def num_factor_values(self) -> int:
         """Kept factor elements (what the nominal budget counts)."""
         return self.u_count + self.v_count
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that go on disk, keyed by role."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor (values or codes and scales, singular values, counts)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the dense delta in ``reference_dtype``."""
+        m, n = self.shape
+        return m * n * dtype_bits(self.reference_dtype) // 8
+
+    @property
+    def disk_compression_ratio(self) -> float:
+        """Dense delta bytes / stored bytes: the ratio the file actually achieves."""
+        return self.dense_nbytes / self.nbytes if self.nbytes else math.inf
 
     def masks(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Bool keep masks ``(m, r)`` of U and ``(n, r)`` of V, regenerated from the seed."""
@@ -329,22 +350,6 @@ class CompressedDelta(SparseFactors):
     def num_stored_values(self) -> int:
         """Kept factor elements plus the singular values."""
         return int(self.u_values.numel() + self.v_values.numel() + self.singular_values.numel())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every stored tensor (values, singular values, counts)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the dense delta in ``reference_dtype``."""
-        m, n = self.shape
-        return m * n * dtype_bits(self.reference_dtype) // 8
-
-    @property
-    def disk_compression_ratio(self) -> float:
-        """Dense delta bytes / stored bytes: the ratio the file actually achieves."""
-        return self.dense_nbytes / self.nbytes if self.nbytes else math.inf
 
     @property
     def value_compression_ratio(self) -> float:

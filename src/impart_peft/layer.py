@@ -332,9 +332,8 @@ class ImPartLayer(BaseTunerLayer):
         return "impart." + super().__repr__()
 
 
-class ImPartLinear(nn.Module, ImPartLayer):
-    """ImPart on ``nn.Linear`` (``kind="linear"``, weight ``(out, in)``), transformers' ``Conv1D``
-    (``kind="conv1d"``, weight ``(in, out)``) or an output head tied to an ImPart embedding (``kind="tied"``)."""
+class _ImPartModule(nn.Module, ImPartLayer):
+    """The constructor every ImPart layer type shares: wrap ``base_layer`` and create ``adapter_name``'s tensors."""
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, module_name: str, meta: dict, seed: int, **kwargs
@@ -342,8 +341,19 @@ class ImPartLinear(nn.Module, ImPartLayer):
         super().__init__()
         ImPartLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self._tied_sources: dict[str, Any] = {}
+        self._init_state()
         self.update_layer(adapter_name, module_name, meta, seed)
+
+    def _init_state(self) -> None:
+        """State a layer type needs before its first adapter is created (none by default)."""
+
+
+class ImPartLinear(_ImPartModule):
+    """ImPart on ``nn.Linear`` (``kind="linear"``, weight ``(out, in)``), transformers' ``Conv1D``
+    (``kind="conv1d"``, weight ``(in, out)``) or an output head tied to an ImPart embedding (``kind="tied"``)."""
+
+    def _init_state(self) -> None:
+        self._tied_sources: dict[str, Any] = {}
 
     def set_tied_source(self, adapter: str, source: Any) -> None:
         """Borrow the factors of ``source()`` (a callable returning the embedding's ImPart layer) for ``adapter``:
@@ -385,16 +395,8 @@ class ImPartLinear(nn.Module, ImPartLayer):
         return result.to(previous_dtype)
 
 
-class ImPartEmbedding(nn.Module, ImPartLayer):
+class ImPartEmbedding(_ImPartModule):
     """ImPart on ``nn.Embedding``: adds rows of the rebuilt delta, ``(Ũ[ids] * σ) @ Ṽᵀ``."""
-
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, module_name: str, meta: dict, seed: int, **kwargs
-    ) -> None:
-        super().__init__()
-        ImPartLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, module_name, meta, seed)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self._plain_forward(x, *args, **kwargs)
@@ -409,16 +411,8 @@ class ImPartEmbedding(nn.Module, ImPartLayer):
         return result
 
 
-class ImPartVector(nn.Module, ImPartLayer):
+class ImPartVector(_ImPartModule):
     """ImPart on a module whose changed parameters are 1-D (a norm): dense deltas of ``weight`` / ``bias``."""
-
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, module_name: str, meta: dict, seed: int, **kwargs
-    ) -> None:
-        super().__init__()
-        ImPartLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, module_name, meta, seed)
 
     def _merges_weight(self, adapter: str) -> bool:
         return False

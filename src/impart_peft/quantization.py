@@ -534,25 +534,10 @@ class QuantizedDelta(SparseFactors):
         return 8 * code_bytes + _SCALE_BITS * (self.u_scales.numel() + self.v_scales.numel())
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of every stored tensor (codes, scales, singular values, counts)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
-    @property
-    def dense_nbytes(self) -> int:
-        m, n = self.shape
-        return m * n * dtype_bits(self.reference_dtype) // 8
-
-    @property
     def nominal_compression_ratio(self) -> float:
         """Dense delta bits in ``reference_dtype`` / payload bits (codes + scales)."""
         m, n = self.shape
         return m * n * dtype_bits(self.reference_dtype) / self.payload_bits if self.payload_bits else math.inf
-
-    @property
-    def disk_compression_ratio(self) -> float:
-        """Dense delta bytes / bytes of every stored tensor."""
-        return self.dense_nbytes / self.nbytes if self.nbytes else math.inf
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
