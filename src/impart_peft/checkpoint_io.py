@@ -273,11 +273,14 @@ def load_adapter_config(folder: Path) -> ImPartConfig:
     file = folder / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"the adapter folder {os.fspath(folder)!r} has no {ADAPTER_CONFIG}")
-    raw = json.loads(file.read_text())
+    from .validation import read_adapter_json
+
+    raw = read_adapter_json(os.fspath(file), source=os.fspath(folder))  # untrusted: bounded, a JSON object
     if raw.get("peft_type") != "IMPART":
         raise ValueError(
             f"{os.fspath(file)!r} is a {raw.get('peft_type')!r} adapter, not an ImPart one: use PEFT's own tools for it"
         )
+    # ImPartConfig.from_pretrained runs the whole file check (impart_peft.validation) before anything is read.
     return ImPartConfig.from_pretrained(os.fspath(folder))
 
 

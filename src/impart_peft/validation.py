@@ -250,7 +250,7 @@ def validate_adapter_config(config: Any, source: str = "") -> dict[str, Any]:
                 None,
                 "integrity",
                 f"{actual} for module_meta's names and digests as they are",
-                f"{_short(integrity)} (recorded by the compressor: a module was added, removed or renamed)",
+                f"{_short(integrity)} (recorded by the compressor: the seed, or the modules, their names or their digests were edited)",
             )
     fingerprint = data.get("base_fingerprint")
     if fingerprint is None:
