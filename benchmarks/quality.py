@@ -431,6 +431,9 @@ class Run:
     n_test: int | None = None
     rows: list = field(default_factory=list)
     checked: list = field(default_factory=list)  # the info of each task run so far
+    on_progress: Callable | None = None  # (task, info) after each ratio of the test phase
+    fixed_selection: dict = field(default_factory=dict)  # method -> (beta, C) used instead of a val grid
+    lossless_check: bool = True
 
     @property
     def pairs(self):
@@ -496,7 +499,7 @@ def run_task(run: Run, task: str, log) -> dict:
     log(f"  {task}: diagnostics in {time.time() - t0:.0f}s")
     # Sanity: ImPart with every factor element kept (lossless) must give the fine-tune back. Checked on the first
     # task of a run only (210 full SVDs: minutes of CPU); the smoke test checks it on the toy pair.
-    if not any("lossless" in other for other in run.checked):
+    if run.lossless_check and not any("lossless" in other for other in run.checked):
         lossless = evaluate(
             run, task, "test", "impart_default", None, 0, DEFAULT_IMPART, model, refs["test"], anchors
         )
@@ -507,7 +510,22 @@ def run_task(run: Run, task: str, log) -> dict:
     run.checked.append(info)
     # 1. ImPart's grid on val, per allocation rule. Loops ordered ratio > beta > (C, rule) so that consecutive
     # compressions of a delta share its SVD (ReuseSVD).
-    tuned = [n for n in TUNED if n in run.test_methods and METHODS[n].available() is None]
+    for name, (beta, c) in run.fixed_selection.items():
+        info["selection"][name] = {
+            str(ratio): {
+                "pre_prune_ratio": beta,
+                "importance_exponent": c,
+                "val_kept": float("nan"),
+                "val_kl_task": float("nan"),
+                "chosen_at_ratio": "given (--fixed-selection)",
+            }
+            for ratio in run.ratios
+        }
+    tuned = [
+        n
+        for n in TUNED
+        if n in run.test_methods and METHODS[n].available() is None and n not in run.fixed_selection
+    ]
     tune_ratios = [r for r in run.ratios if run.tune_ratios is None or r in run.tune_ratios]
     for ratio in tune_ratios:
         scores: dict = {name: {} for name in tuned}
@@ -563,6 +581,8 @@ def run_task(run: Run, task: str, log) -> dict:
             seeds = run.seeds if method.randomized else (0,)
             for seed in seeds[:1] if name in run.single_seed else seeds:
                 evaluate(run, task, "test", name, ratio, seed, params, model, refs["test"], anchors)
+        if run.on_progress is not None:  # results after every ratio: a run cut short keeps what it measured
+            run.on_progress(task, info)
         done = [r for r in run.rows if r["task"] == task and r["split"] == "test" and r["ratio"] == ratio]
         log(
             f"  {task} CR {ratio} test: "
@@ -618,7 +638,7 @@ def ordering_checks(summary: dict, ratios) -> list[dict]:
             if imp not in table:
                 continue
             for r in ratios:
-                if 2 * r in ratios and str(r) in table.get("dare", {}):
+                if 2 * r in ratios and str(r) in table.get("dare", {}) and str(2 * r) in table[imp]:
                     a = table[imp][str(2 * r)]["kept"]["mean"]
                     d = table["dare"][str(r)]["kept"]["mean"]
                     ka = table[imp][str(2 * r)]["kl_text"]["mean"]
@@ -839,6 +859,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--heldout-chunks", type=int, default=None, help="first N held-out text chunks")
     parser.add_argument("--no-merge", action="store_true")
+    parser.add_argument("--merge-only", action="store_true", help="run only the merges (no per-task tables)")
+    parser.add_argument(
+        "--fixed-selection",
+        nargs="*",
+        default=[],
+        help="METHOD=BETA,C: use this (beta, C) at every ratio instead of choosing on val",
+    )
+    parser.add_argument("--no-lossless", action="store_true", help="skip the lossless sanity check")
+    parser.add_argument(
+        "--merging-from",
+        type=Path,
+        default=None,
+        help="take the merges from this result file instead of running them",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--resume",
@@ -880,6 +914,11 @@ def main(argv: list[str] | None = None) -> dict:
         only_at={m: tuple(int(r) for r in rs.split(",")) for m, rs in (a.split(":") for a in args.only_at)},
         n_val=args.n_val,
         n_test=args.n_test,
+        fixed_selection={
+            m: tuple(float(x) for x in bc.split(","))
+            for m, bc in (a.split("=") for a in args.fixed_selection)
+        },
+        lossless_check=not args.no_lossless,
     )
     result = {
         "meta": {
@@ -892,6 +931,7 @@ def main(argv: list[str] | None = None) -> dict:
             "tune_ratios": args.tune_ratios,
             "single_seed": list(args.single_seed),
             "only_at": list(args.only_at),
+            "fixed_selection": list(args.fixed_selection),
             "n_val": args.n_val,
             "n_test": args.n_test,
             "heldout_shape": list(suite.heldout.shape),
@@ -943,13 +983,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     def flush():
         done = tuple(result["tasks"])
-        result["summary"] = summarize(run.rows, done, ratios) if done else {}
-        result["ordering"] = ordering_checks(result["summary"], ratios) if done else []
+        try:
+            result["summary"] = summarize(run.rows, done, ratios) if done else {}
+            result["ordering"] = ordering_checks(result["summary"], ratios) if done else []
+        except Exception as exc:  # the rows are what matter: never lose them to a summary bug
+            result["summary_error"] = repr(exc)
+            log(f"quality: summary failed ({exc!r}); the rows are written, rerun report after a fix")
         # with --resume, the time of the run that measured the kept tasks counts too
         result["meta"]["elapsed_s"] = time.time() - start + result["meta"].get("resumed_s", 0.0)
         write_json_atomic(result, out_path)
 
-    for task in tasks_run:
+    def progress(task, info):
+        result["tasks"][task] = {**info, "partial": True, "elapsed_s": time.time() - start}
+        flush()
+        del result["tasks"][task]
+
+    run.on_progress = progress
+
+    for task in () if args.merge_only else tasks_run:
         if task in result["tasks"]:
             continue
         log(f"quality ({args.suite}): {task}")
@@ -960,7 +1011,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["tasks"][task]["elapsed_s"] = time.time() - t0
         flush()  # a partial run is usable
         log(f"  {task} done in {time.time() - t0:.0f}s, wrote {out_path}")
-    if not args.no_merge and len(suite.tasks) > 1:
+    if args.merging_from:
+        result["merging"] = json.loads(args.merging_from.read_text())["merging"]
+        log(f"quality: merges taken from {args.merging_from}")
+    elif not args.no_merge and len(suite.tasks) > 1:
         t0 = time.time()
         result["merging"] = run_merges(suite, tuple(args.merge_seeds), log, args.n_test)
         result["merging"]["elapsed_s"] = time.time() - t0

@@ -62,13 +62,14 @@ def plot_quality(q: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = [*q["tasks"], "mean"]
-    ratios = q["meta"]["ratios"]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 7.5), sharex=True)
+    ratios = sorted(q["meta"]["ratios"])
+    metrics = ("kept", "kl_text", "kl_task")
+    fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(4.6 * len(tasks), 10.5), sharex=True)
     for col, task in enumerate(tasks):
         table = q["summary"][task]
         for method, by_ratio in table.items():
             xs = [r for r in ratios if str(r) in by_ratio]
-            for row, metric in enumerate(("kept", "kl_text")):
+            for row, metric in enumerate(metrics):
                 if any(metric not in by_ratio[str(r)] for r in xs):
                     continue
                 ys = [by_ratio[str(r)][metric]["mean"] for r in xs]
@@ -90,11 +91,15 @@ def plot_quality(q: dict, path: Path) -> None:
         axes[0, col].axhline(0, color="k", lw=0.6)
         axes[0, col].set_ylim(-5, 108)
         axes[1, col].set_yscale("log")
-        axes[1, col].set_xscale("log", base=2)
-        axes[1, col].set_xticks(ratios, [str(r) for r in ratios])
-        axes[1, col].set_xlabel("compression ratio (CR)")
+        axes[2, col].set_yscale("log")
+        axes[2, col].set_xscale("log", base=2)
+        axes[2, col].set_xticks(ratios, [str(r) for r in ratios])
+        axes[2, col].set_xlabel("compression ratio (CR)")
     axes[0, 0].set_ylabel("accuracy kept, % of the fine-tune's gain")
     axes[1, 0].set_ylabel("KL(fine-tune ‖ compressed), nats/token\n(held-out text, log scale)")
+    axes[2, 0].set_ylabel(
+        "KL(fine-tune ‖ compressed), nats/token\n(answer positions of the test prompts, log)"
+    )
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.06))
     suite = q["meta"].get("suite", "toy")
@@ -165,7 +170,7 @@ def _ratio_header(ratios) -> list[str]:
 
 
 def quality_tables(q: dict) -> str:
-    ratios = q["meta"]["ratios"]
+    ratios = sorted(q["meta"]["ratios"])
     tasks = list(q["tasks"])
     out = []
     for metric, title, fmt in (
@@ -223,9 +228,11 @@ def quality_tables(q: dict) -> str:
             cells = []
             for r in ratios:
                 sel = info["selection"][name][str(r)]
-                where = (
-                    "" if sel.get("chosen_at_ratio", r) == r else f", chosen at CR {sel['chosen_at_ratio']}"
-                )
+                at = sel.get("chosen_at_ratio", r)
+                if not isinstance(at, (int, float)):  # given on the command line (--fixed-selection)
+                    cells.append(f"β {sel['pre_prune_ratio']}, C {sel['importance_exponent']:g} (given)")
+                    continue
+                where = "" if at == r else f", chosen at CR {at}"
                 cells.append(
                     f"β {sel['pre_prune_ratio']}, C {sel['importance_exponent']:g} (val {sel['val_kept']:.0f}%{where})"
                 )
@@ -313,6 +320,9 @@ def quality_tables(q: dict) -> str:
         out.append("")
     meta = q["meta"]
     partial = "" if meta.get("complete", True) else " **Partial run**: not every task finished."
+    cut = [t for t, info in q["tasks"].items() if info.get("partial")]
+    if cut:
+        partial += f" Cut short (the ratios it reached are in the tables): {', '.join(cut)}."
     out.append(
         f"Quality run: {meta['elapsed_s'] / 60:.1f} min, {meta['threads']} thread(s), torch {meta['torch']}, "
         f"test seeds {meta['seeds']}, command `{meta.get('command', 'python benchmarks/quality.py')}`.{partial}\n"

@@ -24,9 +24,11 @@ done
 # The real run is sized to about an hour on 2 shared CPU cores: 40 test / 30 val examples per task, 8 chunks of
 # held-out text, (beta, C) chosen on val at CR 16 and used at every CR, the older allocation rule with seed 0 only
 # and ImPart-QT with seed 0 at CR 16 and 32 only (ImPart and DARE: seeds 0, 1, 2 at every CR), merges with seed 0.
-# `python benchmarks/quality.py` without these options runs the full plan (several hours here).
-REAL_PLAN=(--n-test 40 --n-val 30 --heldout-chunks 8 --tune-ratios 16 --single-seed impart_rescaled impart_qt
-    --only-at impart_qt:16,32 --methods impart impart_rescaled dare lowrank impart_qt)
+# The ratios run from the highest, where the methods differ, so a run cut short keeps those (results are written
+# after every ratio). `python benchmarks/quality.py` without these options runs the full plan (several hours here).
+REAL_PLAN=(--ratios 64 32 16 8 --n-test 40 --n-val 30 --heldout-chunks 8 --tune-ratios 16
+    --single-seed impart_rescaled impart_qt --only-at impart_qt:16,32
+    --methods impart dare lowrank impart_rescaled impart_qt)
 start=$(date +%s)
 TIMEFORMAT='  %R s wall, %U s user CPU'
 time nice -n 10 "$PY" benchmarks/real_pairs.py
