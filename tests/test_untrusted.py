@@ -579,3 +579,64 @@ def test_impart_inspect_and_apply_refuse_a_corrupted_adapter(adapters, tmp_path,
     assert "invalid ImPart adapter" in capsys.readouterr().err
     # The intact adapter still inspects and applies.
     assert main(["inspect", str(saved["qt"]["folder"])]) == 0
+
+
+HUB_CHECK = """
+import sys
+import torch
+import impart_peft
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from impart_peft.validation import InvalidAdapterError
+
+def base():
+    return AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+
+for path in ("peft", "load_adapter"):
+    model = base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m).__name__ for m in model.modules()]
+    try:
+        PeftModel.from_pretrained(model, "org/bad") if path == "peft" else model.load_adapter("org/bad")
+    except InvalidAdapterError as error:
+        assert "integrity" in str(error), error
+    else:
+        raise SystemExit(f"{path} loaded a corrupted adapter from the Hub")
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), path
+    assert [type(m).__name__ for m in model.modules()] == modules, path
+    assert "peft_config" not in model.__dict__ and not getattr(model, "_hf_peft_config_loaded", False), path
+print("checked")  # (intact repos loading by id through these wrappers: tests/test_hub.py)
+"""
+
+
+def test_a_corrupted_hub_repo_is_refused_on_both_paths(adapters, tmp_path):
+    """A repo id: the files are fetched into the cache, checked, and refused before anything is injected."""
+    import subprocess
+    import sys
+
+    from hub_server import HubServer
+
+    base, _, saved = adapters
+    base.save_pretrained(tmp_path / "base")
+    config = json.loads(saved["plain"]["config"])
+    config["seed"] += 1
+    with HubServer() as hub:
+        hub.seed_repo("org/bad", {CONFIG: json.dumps(config).encode(), WEIGHTS: saved["plain"]["weights"]})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+        env.update(
+            HF_ENDPOINT=hub.url,
+            HF_HOME=str(tmp_path / "home"),
+            HF_HUB_DISABLE_XET="1",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+            TRANSFORMERS_VERBOSITY="error",
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", HUB_CHECK, str(tmp_path / "base")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-4000:]
