@@ -640,3 +640,31 @@ def test_a_corrupted_hub_repo_is_refused_on_both_paths(adapters, tmp_path):
             timeout=300,
         )
     assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("path", ["peft", "load_adapter"])
+def test_a_failure_mid_injection_leaves_the_model_as_it_was(adapters, monkeypatch, path):
+    """Defence in depth on both paths: a loader failing after some layers were injected (here the third
+    injection raises) leaves the base as before the call: same module tree, tensors, flags, attributes."""
+    from impart_peft.model import ImPartModel
+
+    base, _, saved = adapters
+    real = ImPartModel._create_and_replace
+    calls = []
+
+    def fail_on_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure during injection")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImPartModel, "_create_and_replace", fail_on_third)
+    model = copy.deepcopy(base)
+    before = _fingerprint_of_base(model)
+    with pytest.raises(RuntimeError, match="simulated"):
+        if path == "peft":
+            PeftModel.from_pretrained(model, saved["plain"]["folder"])
+        else:
+            model.load_adapter(str(saved["plain"]["folder"]))
+    assert len(calls) == 3
+    assert _same_base(before, model) is None
