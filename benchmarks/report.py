@@ -324,7 +324,9 @@ def quality_tables(q: dict) -> str:
     if cut:
         partial += f" Cut short (the ratios it reached are in the tables): {', '.join(cut)}."
     out.append(
-        f"Quality run: {meta['elapsed_s'] / 60:.1f} min, {meta['threads']} thread(s), torch {meta['torch']}, "
+        f"Quality run: {meta['elapsed_s'] / 60:.1f} min"
+        + (" (summed over the processes that measured it)" if meta.get("resumed_s") else "")
+        + f", {meta['threads']} thread(s), torch {meta['torch']}, "
         f"test seeds {meta['seeds']}, command `{meta.get('command', 'python benchmarks/quality.py')}`.{partial}\n"
     )
     return "\n".join(out)
