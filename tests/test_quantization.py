@@ -358,7 +358,10 @@ def test_truncated_quantized_adapter_is_refused(tmp_path):
     name = next(n for n, m in config["module_meta"].items() if "quantized" in m)
     config["module_meta"][name]["quantized"]["u_bytes"] += 1
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="impart_u_codes.*announces U8"):
+    with pytest.raises(
+        ValueError,
+        match=r"impart_u_codes: found U8 \[\d+\], expected U8 \[\d+\] \(as module_meta announces\)",
+    ):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_io import ADAPTER_FORMAT_VERSION
 from .baselines import dare_delta, magnitude_delta
 from .compressor import vector_delta_dtype
 from .delta import compress_delta, svd_top
@@ -494,6 +495,7 @@ def add_weighted_adapter(
     from .compressor import load_module_tensors
     from .config import ImPartConfig
     from .layer import ImPartLayer
+    from .validation import adapter_digest, module_digest
 
     if combination_type in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"):
         hint = (
@@ -616,11 +618,17 @@ def add_weighted_adapter(
     if not module_meta:
         raise ValueError(f"the adapters {adapters} hold no delta to combine")
     first = model.peft_config[adapters[0]]
+    # The combination is a new adapter: its own digests, as the compressor writes them (docs/security.md).
+    for name, meta in module_meta.items():
+        meta["digest"] = module_digest(
+            name, meta, first.seed, ADAPTER_FORMAT_VERSION, tensors_by_module.get(name, {})
+        )
     config = ImPartConfig(
         **{
             **first.to_dict(),
             "compression_ratio": None,  # the factors are stored whole
             "quantization": None,
+            "integrity": adapter_digest(module_meta, first.seed, ADAPTER_FORMAT_VERSION),
             "module_meta": module_meta,
             "base_fingerprint": {n: fingerprints[n] for n in module_meta if n in fingerprints},
             "target_modules": None,
