@@ -6,10 +6,12 @@ threshold mask (:func:`bernoulli_mask`, DARE's baseline) shares the hash, so the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -290,27 +292,26 @@ def test_empty_masks():
     assert element_hash(0, "e", FACTOR_U, torch.zeros(0, dtype=torch.int64), 4).shape == (4, 0)
 
 
+def best_of_three(fn) -> float:
+    """Seconds of the fastest of three calls of ``fn``."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def test_masks_of_a_4096_square_matrix_are_fast():
     # Both factors' masks of a 4096 x 4096 matrix at q = 0.5 (33.5M hashed elements). Timed on one thread,
     # best of three, and against one in-place int64 multiply over a tensor of the same size on the same
     # machine, so that a busy machine slows both alike: 7.6 to 9.5 such passes here, idle or loaded; the int64
     # grid of the first implementation took 41 to 50.
-    import time
-    from functools import partial
-
-    def best_of_three(fn):
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best
-
     threshold = keep_threshold_from_prob(torch.full((4096,), 0.5))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one_pass = best_of_three(partial(torch.ones(2 * 4096 * 4096, dtype=torch.int64).mul_, 3))
+        one_pass = best_of_three(functools.partial(torch.ones(2 * 4096 * 4096, dtype=torch.int64).mul_, 3))
         masks = best_of_three(
             lambda: (
                 bernoulli_mask(0, "big", FACTOR_U, threshold, 4096),
@@ -451,22 +452,11 @@ def test_exact_count_masks_of_a_4096_square_matrix_are_fast():
     # best of three, against one in-place int64 multiply over 2 x 4096 x 4096 elements on the same machine so a
     # busy machine slows both alike. The Bernoulli mask above takes 7.6 to 9.5 such passes; the exact count
     # (hash, two counting passes, a small sort of each column's band, the final compare) about 3 times that.
-    import time
-    from functools import partial
-
-    def best_of_three(fn):
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best
-
     counts = torch.full((4096,), 2048)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one_pass = best_of_three(partial(torch.ones(2 * 4096 * 4096, dtype=torch.int64).mul_, 3))
+        one_pass = best_of_three(functools.partial(torch.ones(2 * 4096 * 4096, dtype=torch.int64).mul_, 3))
         masks = best_of_three(
             lambda: (keep_mask(0, "big", FACTOR_U, counts, 4096), keep_mask(0, "big", FACTOR_V, counts, 4096))
         )
