@@ -376,11 +376,12 @@ def exact_match(model: LlamaForCausalLM, examples: list[tuple[str, str]], batch:
 
 
 # ----------------------------------------------------------------------------------------------- cache
-def _save_model_atomic(model: LlamaForCausalLM, path: Path) -> None:
+def save_folder_atomic(save, path: Path) -> None:
+    """Run ``save(tmp_folder)`` and rename the folder to ``path``: a half-written folder is never taken as cached."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -389,7 +390,7 @@ def _save_model_atomic(model: LlamaForCausalLM, path: Path) -> None:
         raise
 
 
-def _write_json_atomic(obj, path: Path) -> None:
+def write_json_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -417,7 +418,7 @@ def build_pairs(recipe: Recipe = RECIPE, force: bool = False) -> Path:
     _log(f"pre-training the base ({recipe.pretrain_steps} steps) into {out}")
     base = pretrain(recipe)
     timings["pretrain_s"] = time.time() - t0
-    _save_model_atomic(base, out / "base")
+    save_folder_atomic(base.save_pretrained, out / "base")
     data = {
         "heldout_text": general_text(
             random.Random(f"{recipe.seed}-heldout-text"), recipe.n_heldout * recipe.seq_len
@@ -430,7 +431,7 @@ def build_pairs(recipe: Recipe = RECIPE, force: bool = False) -> Path:
         t0 = time.time()
         ft = finetune(base, task, recipe, splits["train"])
         timings[f"finetune_{task}_s"] = time.time() - t0
-        _save_model_atomic(ft, out / task)
+        save_folder_atomic(ft.save_pretrained, out / task)
         accuracy[task] = {
             split: {"base": exact_match(base, splits[split]), "finetuned": exact_match(ft, splits[split])}
             for split in ("val", "test")
@@ -443,8 +444,8 @@ def build_pairs(recipe: Recipe = RECIPE, force: bool = False) -> Path:
                 "compression keeps; raise finetune_steps in Recipe"
             )
         data[task] = {"val": splits["val"], "test": splits["test"]}
-    _write_json_atomic(data, out / "data.json")
-    _write_json_atomic(
+    write_json_atomic(data, out / "data.json")
+    write_json_atomic(
         {"recipe": asdict(recipe), "key": recipe.key(), "accuracy": accuracy, "timings": timings}, manifest
     )
     return out

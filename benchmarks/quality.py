@@ -827,7 +827,7 @@ def suite_tasks(suite: str) -> tuple:
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    P._write_json_atomic(obj, path)
+    P.write_json_atomic(obj, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -52,15 +52,15 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from pairs import save_folder_atomic, write_json_atomic  # the cache writers both suites share
 
 CACHE = Path(os.environ.get("IMPART_BENCH_CACHE", Path(__file__).resolve().parent / ".cache")) / "real"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,32 +89,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _save_atomic(save, path: Path) -> None:
-    """Run ``save(tmp_folder)`` and rename the folder to ``path``: a half-written folder is never taken as cached."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    try:
-        save(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def base_dir() -> Path:
     folder, name = gguf_location()
     return CACHE / f"base-{_file_sha(folder / name)}"
@@ -134,7 +108,7 @@ def build_base() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _save_atomic(save, out)
+    save_folder_atomic(save, out)
     return out
 
 
@@ -469,7 +443,7 @@ def build_pairs(recipe: Recipe = RECIPE, force: bool = False) -> Path:
         if force or not (ft_path / "config.json").exists():
             _log(f"fine-tuning {task}: {recipe.steps[task]} steps of {recipe.batch}, lr {recipe.lr[task]}")
             ft = finetune(base, task, recipe, splits["train"], pad_id)
-            _save_atomic(ft.save_pretrained, ft_path)
+            save_folder_atomic(ft.save_pretrained, ft_path)
         else:
             ft = load_model(ft_path)
         finetune_s = time.time() - t0

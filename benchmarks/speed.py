@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["meta"]["elapsed_s"] = time.time() - start
-    P._write_json_atomic(result, args.out)
+    P.write_json_atomic(result, args.out)
     log(f"speed: wrote {args.out} in {result['meta']['elapsed_s']:.0f}s")
     return result
 
