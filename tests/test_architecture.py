@@ -30,6 +30,7 @@ LAYERS = {
         "adapter_io",
         "allocation",
         "baselines",
+        "budget",
         "delta",
         "filenames",
         "fingerprint",
@@ -38,7 +39,7 @@ LAYERS = {
         "safetensors_io",
     },
     # the PEFT tuner: the adapter type and what builds it in memory
-    "tuner": {"registration", "config", "layer", "model", "compressor", "merging", "validation"},
+    "tuner": {"registration", "config", "layer", "model", "compressor", "merging", "planning", "validation"},
     # checkpoints on disk, the Hub, the command line, the package's own glue
     "edge": {
         "__init__",

@@ -31,10 +31,18 @@ from .checkpoint_io import (
     progress_bar,
     resolve_folder,
 )
-from .compressor import ModulePlan, _check_same_architecture, compress_module, plan_modules
+from .compressor import (
+    ModulePlan,
+    _check_same_architecture,
+    compress_module,
+    finish_planned_config,
+    measure_module,
+    plan_modules,
+)
 from .config import ImPartConfig
 from .filenames import ADAPTER_PREFIX, ADAPTER_WEIGHTS
 from .modelcard import write_model_card
+from .planning import ModuleSettings, plan_settings
 from .safetensors_io import SAFETENSORS_METADATA, Spill
 from .validation import adapter_digest
 
@@ -178,6 +186,24 @@ def compress_checkpoints(
 
     module_meta: dict[str, dict[str, Any]] = {}
     fingerprints: dict[str, list[float]] = {}
+    settings: dict[str, ModuleSettings] = {}
+    if config.planned:
+        # First pass (target_size / "auto"): each tensor pair read once more, only its spectrum and the sizes of
+        # its vectors kept, so memory stays flat in model size (docs/algorithm.md section 10).
+        measures = {}
+        with progress_bar(total, "measure", "tensor", progress) as bar, torch.no_grad():
+            for name, item in planned.items():
+                if item.plan.kind == "tied":
+                    continue
+                base_params = {p: base_checkpoint.read(keys[0]) for p, keys in item.params.items()}
+                ft_params = {p: ft_checkpoint.read(keys[1]) for p, keys in item.params.items()}
+                measure = measure_module(item.plan, base_params, ft_params, config, device=device)
+                del base_params, ft_params
+                if measure is not None:
+                    measures[name] = measure
+                bar.update(len(item.params))
+        settings = plan_settings(measures, config)
+        del measures
     with atomic_folder(output_dir, overwrite) as scratch:
         spill = Spill(scratch / ".tensors.spill")
         try:
@@ -192,7 +218,12 @@ def compress_checkpoints(
                         base_params = {p: base_checkpoint.read(keys[0]) for p, keys in item.params.items()}
                         ft_params = {p: ft_checkpoint.read(keys[1]) for p, keys in item.params.items()}
                         meta, tensors, fingerprint = compress_module(
-                            item.plan, base_params, ft_params, config, device=device
+                            item.plan,
+                            base_params,
+                            ft_params,
+                            config,
+                            device=device,
+                            settings=settings.get(name),
                         )
                         del base_params, ft_params
                         bar.update(len(item.params))
@@ -216,6 +247,7 @@ def compress_checkpoints(
             spill.close()
 
         config.module_meta = module_meta
+        finish_planned_config(config, module_meta)
         config.integrity = adapter_digest(module_meta, config.seed, ADAPTER_FORMAT_VERSION)
         config.base_fingerprint = {n: fingerprints[n] for n in module_meta if n in fingerprints}
         config.base_model_name_or_path = os.fspath(base)

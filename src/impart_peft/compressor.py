@@ -21,10 +21,19 @@ from .adapter_io import ADAPTER_FORMAT_VERSION
 from .config import ImPartConfig
 from .delta import all_finite, compress_delta
 from .fingerprint import weight_fingerprint
+from .planning import ModuleMeasure, ModuleSettings, plan_settings
 from .quantization import compress_delta_quantized
 from .validation import adapter_digest, module_digest
 
-__all__ = ["ModulePlan", "compress_module", "from_finetuned", "plan_modules", "vector_delta_dtype"]
+__all__ = [
+    "ModulePlan",
+    "compress_module",
+    "finish_planned_config",
+    "from_finetuned",
+    "measure_module",
+    "plan_modules",
+    "vector_delta_dtype",
+]
 
 _MATRIX_KINDS = {nn.Linear: "linear", Conv1D: "conv1d", nn.Embedding: "embedding"}
 
@@ -86,30 +95,10 @@ def vector_delta_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def compress_module(
-    plan: ModulePlan,
-    base_params: Mapping[str, torch.Tensor],
-    finetuned_params: Mapping[str, torch.Tensor],
-    config: ImPartConfig,
-    device: torch.device | str | None = None,
-) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor], list[float] | None]:
-    """Compress one module.
-
-    Args:
-        plan: the module's :class:`ModulePlan`.
-        base_params / finetuned_params: the module's own parameters by short name (``"weight"``, ``"bias"``).
-        device: where to run the SVD (default: where the weight is).
-
-    Returns:
-        ``(meta, tensors, fingerprint)``: the module's ``module_meta`` entry (``None`` when nothing changed), its
-        adapter tensors by parameter name (``"impart_u_values"``, ..., ``"impart_delta_bias"``) on the CPU, and the
-        base fingerprint of its weight (matrices only).
-    """
-    if plan.kind == "tied":
-        base_weight = base_params["weight"]
-        meta = {"kind": "tied", "tied_to": plan.tied_to, "shape": list(base_weight.shape)}
-        meta["digest"] = module_digest(plan.name, meta, config.seed, ADAPTER_FORMAT_VERSION, {})
-        return meta, {}, None
+def _check_params(
+    plan: ModulePlan, base_params: Mapping[str, torch.Tensor], finetuned_params: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """The module's parameter names after checking both sides have them, with equal shapes and finite values."""
     names = sorted(set(base_params) | set(finetuned_params))
     for param_name in names:
         if param_name not in base_params or param_name not in finetuned_params:
@@ -125,49 +114,29 @@ def compress_module(
             raise ValueError(f"{plan.name}.{param_name} of the fine-tune contains NaN or inf")
         if not all_finite(b):
             raise ValueError(f"{plan.name}.{param_name} of the base contains NaN or inf")
+    return names
 
-    meta: dict[str, Any] = {"kind": plan.kind}
-    tensors: dict[str, torch.Tensor] = {}
-    fingerprint = None
+
+def _matrix_delta(base_weight: torch.Tensor, ft_weight: torch.Tensor, device) -> torch.Tensor:
+    """float32 ``ft - base`` on ``device`` (default: the base weight's)."""
+    work_device = torch.device(device) if device is not None else base_weight.device
+    # ft.float() - base.float(), bit for bit, with one float32 matrix alive instead of three (a 32000 x 4096
+    # head is 0.5 GB each): in place, a block of rows at a time. copy=True: never the caller's tensor.
+    delta = ft_weight.to(work_device, torch.float32, copy=True)
+    rows = max(1, (1 << 22) // max(1, delta[0].numel()))
+    for delta_rows, base_rows in zip(delta.split(rows), base_weight.split(rows), strict=True):
+        delta_rows -= base_rows.to(work_device, torch.float32)
+    return delta
+
+
+def _vector_deltas(
+    plan: ModulePlan,
+    names: list[str],
+    base_params: Mapping[str, torch.Tensor],
+    finetuned_params: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The changed 1-D parameters' exact deltas (:func:`vector_delta_dtype`), by parameter name."""
     matrix_param = "weight" if plan.kind != "vector" else None
-    if matrix_param is not None:
-        base_weight = base_params[matrix_param]
-        ft_weight = finetuned_params[matrix_param]
-        fingerprint = weight_fingerprint(base_weight)
-        work_device = torch.device(device) if device is not None else base_weight.device
-        # ft.float() - base.float(), bit for bit, with one float32 matrix alive instead of three (a 32000 x 4096
-        # head is 0.5 GB each): in place, a block of rows at a time. copy=True: never the caller's tensor.
-        delta = ft_weight.to(work_device, torch.float32, copy=True)
-        rows = max(1, (1 << 22) // max(1, delta[0].numel()))
-        for delta_rows, base_rows in zip(delta.split(rows), base_weight.split(rows), strict=True):
-            delta_rows -= base_rows.to(work_device, torch.float32)
-        meta["shape"] = list(delta.shape)
-        meta["dtype"] = str(ft_weight.dtype).removeprefix("torch.")
-        if bool(delta.any()):
-            settings = dict(
-                compression_ratio=config.compression_ratio,
-                pre_prune_ratio=config.pre_prune_ratio,
-                importance_exponent=config.importance_exponent,
-                seed=config.seed,
-                name=plan.name,
-                svd_dtype=getattr(torch, config.svd_dtype),
-                allocation=config.allocation,
-            )
-            if config.quantization is not None:
-                # ImPart-QT: the same masks, the values as packed integer codes, the ratio counted in bits.
-                compressed = compress_delta_quantized(
-                    delta, quantization=config.quantization, reference_dtype=ft_weight.dtype, **settings
-                )
-                meta["quantized"] = compressed.meta()
-            else:
-                compressed = compress_delta(delta, storage_dtype=ft_weight.dtype, **settings)
-            meta["rank"] = compressed.rank
-            meta["u_count"] = compressed.u_count
-            meta["v_count"] = compressed.v_count
-            for key, tensor in compressed.state_dict().items():
-                tensors[f"impart_{key}"] = tensor.cpu()
-        else:
-            meta["rank"] = 0
     vectors = {}
     for param_name in names:
         if param_name == matrix_param:
@@ -183,17 +152,140 @@ def compress_module(
         work = vector_delta_dtype(f.dtype)
         delta = f.detach().to("cpu", work) - b.detach().to("cpu", work)
         if bool(delta.any()):
-            vectors[param_name] = int(delta.numel())
-            tensors[f"impart_delta_{param_name}"] = delta
-            meta["vector_dtype"] = str(work).removeprefix("torch.")
+            vectors[param_name] = delta
+    return vectors
+
+
+def measure_module(
+    plan: ModulePlan,
+    base_params: Mapping[str, torch.Tensor],
+    finetuned_params: Mapping[str, torch.Tensor],
+    config: ImPartConfig,
+    device: torch.device | str | None = None,
+) -> ModuleMeasure | None:
+    """The first pass of a planned compression (:mod:`impart_peft.planning`) over one module: the singular values
+    of its weight delta (``torch.linalg.svdvals`` in ``config.svd_dtype``, no vectors) and the sizes of its changed
+    vectors. ``None`` for a tied head (it stores nothing)."""
+    if plan.kind == "tied":
+        return None
+    names = _check_params(plan, base_params, finetuned_params)
+    shape = sigma = dtype = None
+    if plan.kind != "vector":
+        delta = _matrix_delta(base_params["weight"], finetuned_params["weight"], device)
+        shape, dtype = (int(delta.shape[0]), int(delta.shape[1])), finetuned_params["weight"].dtype
+        if bool(delta.any()):
+            values = torch.linalg.svdvals(delta.to(getattr(torch, config.svd_dtype)))
+            sigma = values.to("cpu", torch.float64).numpy()
+        del delta
+    vectors = [
+        (param_name, delta.dtype, int(delta.numel()))
+        for param_name, delta in _vector_deltas(plan, names, base_params, finetuned_params).items()
+    ]
+    return ModuleMeasure(plan.name, shape, sigma, dtype, vectors)
+
+
+def compress_module(
+    plan: ModulePlan,
+    base_params: Mapping[str, torch.Tensor],
+    finetuned_params: Mapping[str, torch.Tensor],
+    config: ImPartConfig,
+    device: torch.device | str | None = None,
+    settings: ModuleSettings | None = None,
+) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor], list[float] | None]:
+    """Compress one module.
+
+    Args:
+        plan: the module's :class:`ModulePlan`.
+        base_params / finetuned_params: the module's own parameters by short name (``"weight"``, ``"bias"``).
+        device: where to run the SVD (default: where the weight is).
+        settings: the matrix's ratio, beta, C and allocation from :func:`impart_peft.planning.plan_settings`
+            (recorded in its ``module_meta``); ``None``: the config's own, allocated from this SVD.
+
+    Returns:
+        ``(meta, tensors, fingerprint)``: the module's ``module_meta`` entry (``None`` when nothing changed), its
+        adapter tensors by parameter name (``"impart_u_values"``, ..., ``"impart_delta_bias"``) on the CPU, and the
+        base fingerprint of its weight (matrices only).
+    """
+    if plan.kind == "tied":
+        base_weight = base_params["weight"]
+        meta = {"kind": "tied", "tied_to": plan.tied_to, "shape": list(base_weight.shape)}
+        meta["digest"] = module_digest(plan.name, meta, config.seed, ADAPTER_FORMAT_VERSION, {})
+        return meta, {}, None
+    names = _check_params(plan, base_params, finetuned_params)
+
+    meta: dict[str, Any] = {"kind": plan.kind}
+    tensors: dict[str, torch.Tensor] = {}
+    fingerprint = None
+    if plan.kind != "vector":
+        base_weight = base_params["weight"]
+        ft_weight = finetuned_params["weight"]
+        fingerprint = weight_fingerprint(base_weight)
+        delta = _matrix_delta(base_weight, ft_weight, device)
+        meta["shape"] = list(delta.shape)
+        meta["dtype"] = str(ft_weight.dtype).removeprefix("torch.")
+        if bool(delta.any()):
+            settings_kwargs = dict(
+                compression_ratio=config.compression_ratio,
+                pre_prune_ratio=config.pre_prune_ratio,
+                importance_exponent=config.importance_exponent,
+                seed=config.seed,
+                name=plan.name,
+                svd_dtype=getattr(torch, config.svd_dtype),
+                allocation=config.allocation,
+            )
+            if settings is not None:
+                settings_kwargs.update(settings.meta(), planned=settings.allocation)
+                meta.update(settings.meta())
+            elif config.planned:
+                raise ValueError(
+                    f"{plan.name}: this config has target_size or 'auto' settings, which need the first pass "
+                    "(impart_peft.planning.plan_settings); compress with from_finetuned or compress_checkpoints"
+                )
+            if config.quantization is not None:
+                # ImPart-QT: the same masks, the values as packed integer codes, the ratio counted in bits.
+                compressed = compress_delta_quantized(
+                    delta,
+                    quantization=config.quantization,
+                    reference_dtype=ft_weight.dtype,
+                    **settings_kwargs,
+                )
+                meta["quantized"] = compressed.meta()
+            else:
+                compressed = compress_delta(delta, storage_dtype=ft_weight.dtype, **settings_kwargs)
+            meta["rank"] = compressed.rank
+            meta["u_count"] = compressed.u_count
+            meta["v_count"] = compressed.v_count
+            for key, tensor in compressed.state_dict().items():
+                tensors[f"impart_{key}"] = tensor.cpu()
+        else:
+            meta["rank"] = 0
+        del delta
+    vectors = _vector_deltas(plan, names, base_params, finetuned_params)
+    for param_name, delta in vectors.items():
+        tensors[f"impart_delta_{param_name}"] = delta
+        meta["vector_dtype"] = str(delta.dtype).removeprefix("torch.")
     if vectors:
-        meta["vectors"] = vectors
+        meta["vectors"] = {param_name: int(delta.numel()) for param_name, delta in vectors.items()}
     if not tensors:
         return None, {}, fingerprint
     # Ties the seed, the name and the tensors together: a loader refuses an edited seed or a flipped bit
     # (impart_peft.validation), which no size check can see.
     meta["digest"] = module_digest(plan.name, meta, config.seed, ADAPTER_FORMAT_VERSION, tensors)
     return meta, tensors, fingerprint
+
+
+def finish_planned_config(config: ImPartConfig, module_meta: dict[str, dict[str, Any]]) -> None:
+    """After a ``target_size`` compression, ``compression_ratio`` records the model-wide ratio achieved: dense
+    values of the compressed matrices / their stored factor values."""
+    if config.target_size is None:
+        return
+    dense = stored = 0
+    for meta in module_meta.values():
+        if meta.get("rank"):
+            dense += meta["shape"][0] * meta["shape"][1]
+            stored += meta["u_count"] + meta["v_count"]
+    if stored:
+        config.compression_ratio = dense / stored
 
 
 def _check_same_architecture(base_model: nn.Module, finetuned_model: nn.Module) -> None:
@@ -259,12 +351,26 @@ def from_finetuned(
     module_meta: dict[str, dict[str, Any]] = {}
     fingerprints: dict[str, list[float]] = {}
     tensors_by_module: dict[str, dict[str, torch.Tensor]] = {}
+
+    def module_params(name: str) -> tuple[dict, dict]:
+        base_params = dict(base_model.get_submodule(name).named_parameters(recurse=False))
+        return base_params, dict(finetuned_modules[name].named_parameters(recurse=False))
+
+    settings: dict[str, ModuleSettings] = {}
     with torch.no_grad():
+        if config.planned:  # first pass: spectra and vector sizes only (docs/algorithm.md section 10)
+            measures = {}
+            for name, plan in plans.items():
+                measure = measure_module(plan, *module_params(name), config)
+                if measure is not None:
+                    measures[name] = measure
+            settings = plan_settings(measures, config)
+            del measures
         for name, plan in plans.items():
-            base_module = base_model.get_submodule(name)
-            base_params = dict(base_module.named_parameters(recurse=False))
-            ft_params = dict(finetuned_modules[name].named_parameters(recurse=False))
-            meta, tensors, fingerprint = compress_module(plan, base_params, ft_params, config)
+            base_params, ft_params = module_params(name)
+            meta, tensors, fingerprint = compress_module(
+                plan, base_params, ft_params, config, settings=settings.get(name)
+            )
             if fingerprint is not None and plan.kind != "tied":
                 fingerprints[name] = fingerprint
             if meta is not None:
@@ -277,6 +383,7 @@ def from_finetuned(
             "The fine-tune is identical to the base in every targeted module: nothing to compress"
         )
     config.module_meta = module_meta
+    finish_planned_config(config, module_meta)
     config.integrity = adapter_digest(module_meta, config.seed, ADAPTER_FORMAT_VERSION)
     # The targets are module_meta's keys from now on (see ImPartModel._prepare_adapter_config).
     config.target_modules = None

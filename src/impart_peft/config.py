@@ -15,6 +15,7 @@ from .allocation import (
     check_importance_exponent,
     check_pre_prune_ratio,
 )
+from .budget import AUTO, parse_target_size
 from .quantization import QuantizationScheme
 from .registration import IMPART_PEFT_TYPE
 
@@ -31,8 +32,15 @@ class ImPartConfig(PeftConfig):
         compression_ratio: dense delta values / stored factor values, ``> 1`` (the paper's CR; 16 keeps ~96% of a
             7B fine-tune's quality in the paper). ``None`` keeps every element of every non-zero singular pair:
             the merged model is the fine-tune to float error (for checks, not for shipping).
-        pre_prune_ratio: beta in ``[0, 1)``: the fraction of the smallest singular pairs dropped whole.
-        importance_exponent: C ``> 0`` in ``p_k = gamma * (1 - (sigma_k / sigma_1) ** C)``.
+        pre_prune_ratio: beta in ``[0, 1)``: the fraction of the smallest singular pairs dropped whole, or
+            ``"auto"``: chosen per matrix from its spectrum (no data; docs/algorithm.md section 10).
+        importance_exponent: C ``> 0`` in ``p_k = gamma * (1 - (sigma_k / sigma_1) ** C)``, or ``"auto"``.
+        target_size: a cap on the whole adapter instead of one ratio for every matrix: bytes (``30_000_000``), a
+            size (``"30MB"``, ``"1.5GiB"``) or a global ratio (``"16x"``: the file at most 1/16 of the dense deltas
+            of the compressed matrices). ``adapter_model.safetensors`` never exceeds it; the budget is spread over
+            the matrices by their spectra, and each matrix's ratio (and beta, C) is recorded in ``module_meta``.
+            ``compression_ratio`` is then ignored for the allocation and overwritten with the model-wide ratio
+            achieved. ``None`` (default): every matrix at ``compression_ratio``.
         allocation: the allocation rule: ``"paper"`` (default: the authors' code, gamma fixed, whole pairs dropped
             from the end, every kept pair at ``q_k >= 1 - gamma``) or ``"rescaled"`` (this project's first reading:
             gamma re-solved so the mean is exact; it can keep pairs at tiny ``q_k``). See docs/algorithm.md.
@@ -62,6 +70,8 @@ class ImPartConfig(PeftConfig):
                  "rank": r,              # stored singular pairs
                  "u_count": int, "v_count": int,  # stored factor values
                  "dtype": "bfloat16",    # dtype of the stored values (and of the fine-tune)
+                 "compression_ratio": 21.3, "pre_prune_ratio": 0.6, "importance_exponent": 0.5,
+                                         # target_size or "auto" only: what this matrix was compressed with
                  "vectors": {"bias": n}, # 1-D parameters stored densely, with their length
                  "tied_to": "model.embed_tokens",  # "tied" only: the module whose delta this one shares
                  "quantized": {"bits": [[8, 1], [2, 5]], "group_size": 128,  # ImPart-QT only: bits per pair
@@ -76,8 +86,15 @@ class ImPartConfig(PeftConfig):
     """
 
     compression_ratio: float | None = field(default=16.0, metadata={"help": "dense values / stored values"})
-    pre_prune_ratio: float = field(default=0.8, metadata={"help": "beta: fraction of pairs dropped whole"})
-    importance_exponent: float = field(default=1.0, metadata={"help": "C: exponent of sigma_k / sigma_1"})
+    pre_prune_ratio: float | str = field(
+        default=0.8, metadata={"help": "beta: fraction of pairs dropped whole, or 'auto'"}
+    )
+    importance_exponent: float | str = field(
+        default=1.0, metadata={"help": "C: exponent of sigma_k / sigma_1, or 'auto'"}
+    )
+    target_size: int | str | None = field(
+        default=None, metadata={"help": "cap on the adapter file: bytes, '30MB', or a global ratio '16x'"}
+    )
     allocation: Literal["paper", "rescaled"] = field(default="paper", metadata={"help": "allocation rule"})
     seed: int = field(default=0, metadata={"help": "seed of the deterministic masks"})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to compress"})
@@ -102,8 +119,17 @@ class ImPartConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = IMPART_PEFT_TYPE
         check_compression_ratio(self.compression_ratio)
-        check_pre_prune_ratio(self.pre_prune_ratio)
-        check_importance_exponent(self.importance_exponent)
+        if self.pre_prune_ratio != AUTO:
+            check_pre_prune_ratio(self.pre_prune_ratio)
+        if self.importance_exponent != AUTO:
+            check_importance_exponent(self.importance_exponent)
+        if self.target_size is not None:
+            parse_target_size(self.target_size)
+        if self.quantization is not None and self.planned and not self.module_meta:
+            raise ValueError(
+                "target_size and 'auto' pre_prune_ratio / importance_exponent are not supported with quantization "
+                "(ImPart-QT) yet: give ImPart-QT a compression_ratio and fixed beta and C"
+            )
         if self.allocation not in ALLOCATION_RULES:
             raise ValueError(f"allocation must be one of {ALLOCATION_RULES}, got {self.allocation!r}")
         if not self.module_meta:  # a config to compress with: what it will write is this version
@@ -130,6 +156,11 @@ class ImPartConfig(PeftConfig):
         self.quantization = scheme.to_dict() if scheme is not None else None
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(self.target_modules)
+
+    @property
+    def planned(self) -> bool:
+        """``True`` when compression needs the first pass over the spectra: ``target_size`` or an ``"auto"``."""
+        return self.target_size is not None or AUTO in (self.pre_prune_ratio, self.importance_exponent)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

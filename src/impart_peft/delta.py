@@ -22,6 +22,7 @@ import torch
 
 from .allocation import (
     ALLOCATION_RULES,
+    Allocation,
     allocate_keep_prob,
     check_compression_ratio,
     check_importance_exponent,
@@ -443,6 +444,7 @@ def compress_delta(
     storage_dtype: torch.dtype | None = None,
     svd_method: str = "auto",
     allocation: str = "paper",
+    planned: Allocation | None = None,
 ) -> CompressedDelta:
     """Compress one dense delta with ImPart.
 
@@ -465,6 +467,9 @@ def compress_delta(
             full SVD, ``"gram"`` the Gram route.
         allocation: the allocation rule, ``"paper"`` (default, the authors' code) or ``"rescaled"`` (see
             :func:`~impart_peft.allocation.allocate_keep_prob`).
+        planned: an allocation already made for this delta's shape (the model-wide planner makes it from the
+            spectrum of a first pass, :mod:`impart_peft.planning`); it is used as it is, and only its
+            ``boundary`` pairs are computed. ``None`` (default): allocated here from the SVD's singular values.
 
     Returns:
         A :class:`CompressedDelta` whose tensors live on the delta's device.
@@ -483,11 +488,16 @@ def compress_delta(
         raise ValueError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype}")
     storage_dtype = storage_dtype or delta.dtype
     m, n = delta.shape
-    needed = pairs_needed((m, n), compression_ratio, pre_prune_ratio)
+    if planned is not None:
+        check_keep_count(planned.keep_count, (m, n), planned.boundary, name)
+        needed = planned.boundary
+    else:
+        needed = pairs_needed((m, n), compression_ratio, pre_prune_ratio)
     u, sigma, v = svd_top(delta, num_pairs=needed, svd_dtype=svd_dtype, method=svd_method)
-    planned = allocate_keep_prob(
-        sigma, (m, n), compression_ratio, pre_prune_ratio, importance_exponent, rule=allocation
-    )
+    if planned is None:
+        planned = allocate_keep_prob(
+            sigma, (m, n), compression_ratio, pre_prune_ratio, importance_exponent, rule=allocation
+        )
     rank = planned.boundary
     # pairs_needed bounds the allocation's boundary; this guards the two staying in step.
     if rank > u.shape[1]:

@@ -66,6 +66,9 @@ _META_KEYS = {
     "tied_to",
     "quantized",
     "digest",
+    "compression_ratio",  # target_size / "auto" only: what the matrix was compressed with (informational)
+    "pre_prune_ratio",
+    "importance_exponent",
 }
 _QUANTIZED_KEYS = {"bits", "group_size", "u_bytes", "v_bytes", "u_groups", "v_groups"}
 _VALUE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -284,13 +287,18 @@ def _check_settings(data: Mapping[str, Any], config: Any, fail: Callable[..., Ex
         check_importance_exponent,
         check_pre_prune_ratio,
     )
+    from .budget import AUTO, parse_target_size
     from .quantization import QuantizationScheme
+
+    def auto_or(check: Callable[[Any], None]) -> Callable[[Any], None]:
+        return lambda value: None if value == AUTO else check(value)
 
     checks = {
         "compression_ratio": check_compression_ratio,
-        "pre_prune_ratio": check_pre_prune_ratio,
-        "importance_exponent": check_importance_exponent,
+        "pre_prune_ratio": auto_or(check_pre_prune_ratio),
+        "importance_exponent": auto_or(check_importance_exponent),
         "quantization": QuantizationScheme.parse,
+        "target_size": lambda value: None if value is None else parse_target_size(value),
     }
     for field, check in checks.items():
         if field in data:
@@ -309,6 +317,23 @@ def _check_settings(data: Mapping[str, Any], config: Any, fail: Callable[..., Ex
     integrity = data.get("integrity")
     if integrity is not None and not isinstance(integrity, str):
         raise fail(None, "integrity", _short(integrity), "32 hex digits")
+
+
+def _check_recorded_settings(name: str, meta: Mapping[str, Any], fail: Callable[..., Exception]) -> None:
+    """A planned matrix's recorded ratio, beta and C (``module_meta``): informational, but well-formed."""
+    from .allocation import check_compression_ratio, check_importance_exponent, check_pre_prune_ratio
+
+    checks = {
+        "compression_ratio": check_compression_ratio,
+        "pre_prune_ratio": check_pre_prune_ratio,
+        "importance_exponent": check_importance_exponent,
+    }
+    for field, check in checks.items():
+        if field in meta:
+            try:
+                check(meta[field])
+            except (TypeError, ValueError) as error:
+                raise fail(name, field, _short(meta[field]), f"a valid value ({error})") from None
 
 
 def adapter_digest(module_meta: Mapping[str, Any], seed: int, format_version: int) -> str:
@@ -333,6 +358,7 @@ def _check_meta(name: Any, meta: Any, module_meta: Mapping[str, Any], fail: Call
     kind = meta.get("kind")
     if kind not in _KINDS:
         raise fail(name, "kind", _short(kind), f"one of {_KINDS}")
+    _check_recorded_settings(name, meta, fail)
     if "digest" in meta and (
         not isinstance(meta["digest"], str)
         or len(meta["digest"]) != 32
