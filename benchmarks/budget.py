@@ -8,9 +8,12 @@ On every real SmolLM2 pair (:mod:`real_pairs`) and at each ratio of ``--ratios``
 * ``paper_default``: one ratio, the library's default beta 0.8, C 1 (what a user with no validation data gets
   without this issue);
 * ``auto``: one ratio, ``pre_prune_ratio="auto"``, ``importance_exponent="auto"`` (no data);
-* ``size_tuned``: ``target_size`` = the bytes of ``paper_tuned``'s file, spread over the matrices by the planner,
-  the tuned (beta, C) (the budget rule alone);
-* ``size_auto``: the same ``target_size``, with ``"auto"`` beta and C (no data at all).
+* ``size_tuned``: ``target_size`` = the bytes of ``paper_tuned``'s file, spread over the matrices by their spectra
+  (``size_rule="spectral"``), the tuned (beta, C) (the budget rule alone);
+* ``size_auto``: the same, with ``"auto"`` beta and C (no data at all);
+* ``size_uniform_auto``: the same ``target_size`` with the default ``size_rule="uniform"`` (one ratio, the
+  smallest that fits) and ``"auto"`` beta and C: what ``impart compress --size S --pre-prune auto --exponent auto``
+  does.
 
 Scores as in ``benchmarks/quality.py`` (same test split, same held-out text): accuracy kept (% of the fine-tune's
 gain), ``kl_task`` at the answer positions and ``kl_text`` on held-out text. The file size of every adapter is
@@ -42,7 +45,7 @@ from impart_peft import ImPartConfig, from_finetuned  # noqa: E402
 from impart_peft.filenames import ADAPTER_WEIGHTS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("paper_tuned", "paper_default", "auto", "size_tuned", "size_auto")
+METHODS = ("paper_tuned", "paper_default", "auto", "size_tuned", "size_auto", "size_uniform_auto")
 
 
 def tuned_settings(task: str, ratio: float) -> tuple[float, float]:
@@ -61,9 +64,12 @@ def method_config(method: str, ratio: float, seed: int, tuned: tuple[float, floa
         return ImPartConfig(**common)
     if method == "auto":
         return ImPartConfig(**common, pre_prune_ratio="auto", importance_exponent="auto")
+    spectral = {"target_size": size, "size_rule": "spectral"}
     if method == "size_tuned":
-        return ImPartConfig(**common, target_size=size, pre_prune_ratio=beta, importance_exponent=c)
+        return ImPartConfig(**common, **spectral, pre_prune_ratio=beta, importance_exponent=c)
     if method == "size_auto":
+        return ImPartConfig(**common, **spectral, pre_prune_ratio="auto", importance_exponent="auto")
+    if method == "size_uniform_auto":
         return ImPartConfig(**common, target_size=size, pre_prune_ratio="auto", importance_exponent="auto")
     raise ValueError(method)
 

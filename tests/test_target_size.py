@@ -44,12 +44,14 @@ def _save(model, folder):
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.4])
 @pytest.mark.parametrize("auto", [False, True], ids=["fixed", "auto"])
-def test_file_never_exceeds_the_size_asked(pairs, name, fraction, auto, tmp_path):
+@pytest.mark.parametrize("rule", ["uniform", "spectral"])
+def test_file_never_exceeds_the_size_asked(pairs, name, fraction, auto, rule, tmp_path):
     base, finetuned = pairs[name]
     dense = sum(p.numel() * 4 for p in base.parameters() if p.dim() == 2)
     cap = int(dense * fraction)
     settings = {"pre_prune_ratio": "auto", "importance_exponent": "auto"} if auto else {}
-    model = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=cap, seed=3, **settings))
+    config = ImPartConfig(target_size=cap, seed=3, size_rule=rule, **settings)
+    model = from_finetuned(copy.deepcopy(base), finetuned, config)
     size = _save(model, tmp_path)
     assert size <= cap
     assert size >= 0.8 * cap  # the budget is spent, not left on the table
@@ -75,9 +77,32 @@ def test_size_strings_and_global_ratio(pairs, target, tmp_path):
     assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["target_size"] == target
 
 
+def test_uniform_rule_is_one_ratio_and_the_smallest_that_fits(pairs, tmp_path):
+    base, finetuned = pairs["llama"]
+    reference = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(compression_ratio=7.0, seed=1))
+    size = _save(reference, tmp_path / "reference")
+    model = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=size, seed=1))
+    assert _save(model, tmp_path / "sized") <= size
+    ratios = {
+        m["compression_ratio"] for m in model.peft_config["default"].module_meta.values() if m.get("rank")
+    }
+    assert len(ratios) == 1
+    (ratio,) = ratios
+    # the uniform ratio 7 gives this very file size, so the smallest ratio that fits is 7 up to the bisection
+    assert 7.0 * (1 - 1e-3) <= ratio <= 7.0 * (1 + 1e-3)
+    # one byte less and the ratio must grow
+    smaller = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=size - 200, seed=1))
+    (smaller_ratio,) = {
+        m["compression_ratio"] for m in smaller.peft_config["default"].module_meta.values() if m.get("rank")
+    }
+    assert smaller_ratio > ratio
+
+
 def test_matrices_get_different_ratios_by_their_spectra(pairs):
     base, finetuned = pairs["llama"]
-    model = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size="8x"))
+    model = from_finetuned(
+        copy.deepcopy(base), finetuned, ImPartConfig(target_size="8x", size_rule="spectral")
+    )
     ratios = {
         n: m["compression_ratio"]
         for n, m in model.peft_config["default"].module_meta.items()
@@ -152,7 +177,9 @@ def test_streaming_and_in_memory_write_the_same_adapter(pairs, tmp_path):
     base, finetuned = pairs["llama-tied"]
     base.save_pretrained(tmp_path / "base")
     finetuned.save_pretrained(tmp_path / "ft")
-    config = ImPartConfig(target_size="25kB", pre_prune_ratio="auto", importance_exponent="auto", seed=2)
+    config = ImPartConfig(
+        target_size="25kB", pre_prune_ratio="auto", importance_exponent="auto", seed=2, size_rule="spectral"
+    )
     from_finetuned(copy.deepcopy(base), finetuned, config).save_pretrained(tmp_path / "memory")
     compress_checkpoints(tmp_path / "base", tmp_path / "ft", tmp_path / "stream", config, progress=False)
     memory = (tmp_path / "memory" / ADAPTER_WEIGHTS).read_bytes()
@@ -163,16 +190,17 @@ def test_streaming_and_in_memory_write_the_same_adapter(pairs, tmp_path):
     assert meta_memory == meta_stream
 
 
-def test_too_small_a_size_names_the_smallest_that_works(pairs, tmp_path):
+@pytest.mark.parametrize("rule", ["uniform", "spectral"])
+def test_too_small_a_size_names_the_smallest_that_works(pairs, rule, tmp_path):
     base, finetuned = pairs["llama"]
     with pytest.raises(ValueError, match="too small") as info:
-        from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=500))
+        from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=500, size_rule=rule))
     smallest = int(re.search(r"target_size=(\d+) or more", str(info.value)).group(1))
     assert "singular pair" in str(info.value)
-    model = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=smallest))
+    model = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=smallest, size_rule=rule))
     assert _save(model, tmp_path) <= smallest
     with pytest.raises(ValueError, match=f"target_size={smallest} or more"):
-        from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=smallest - 1))
+        from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=smallest - 1, size_rule=rule))
     # nothing was written by the failed streaming compression either
     base.save_pretrained(tmp_path / "b")
     finetuned.save_pretrained(tmp_path / "f")
@@ -190,6 +218,7 @@ def test_too_small_a_size_names_the_smallest_that_works(pairs, tmp_path):
         ({"target_size": 0}, "positive"),
         ({"target_size": "1x"}, "> 1"),
         ({"pre_prune_ratio": "automatic"}, "pre_prune_ratio"),
+        ({"target_size": "1MB", "size_rule": "layerwise"}, "size_rule"),
         ({"importance_exponent": "Auto"}, "importance_exponent"),
         ({"target_size": "1MB", "quantization": {"bits": [8, 4]}}, "not supported with quantization"),
         ({"pre_prune_ratio": "auto", "quantization": {"bits": [8, 4]}}, "not supported with quantization"),

@@ -1,4 +1,4 @@
-"""A size budget for the whole model, and beta and C chosen from the deltas alone (docs/algorithm.md section 10).
+"""A size budget for the whole model, and beta and C chosen from the deltas alone (docs/algorithm.md section 12).
 
 Pure math on singular values (numpy float64 on the CPU): no PEFT, no model, no file. The compressor
 (:mod:`impart_peft.compressor`) measures every matrix's spectrum in a first pass, asks this module how many factor
@@ -40,6 +40,7 @@ __all__ = [
     "BudgetTooSmallError",
     "MatrixPlan",
     "MatrixSpectrum",
+    "SIZE_RULES",
     "TargetSize",
     "choose_settings",
     "expected_damage",
@@ -51,9 +52,10 @@ __all__ = [
 ]
 
 AUTO = "auto"
+SIZE_RULES = ("uniform", "spectral")
 # The grid "auto" searches per matrix: the paper's own grid (beta 0.6 to 0.8, C 0.5 or 1). A wider one (beta 0 to
 # 0.9, C 1/4 to 2) let the criterion, like any error criterion, drift toward truncation (few pairs nearly whole),
-# which lowered the task quality on the real pairs (docs/algorithm.md section 10).
+# which lowered the task quality on the real pairs (docs/algorithm.md section 12).
 AUTO_PRE_PRUNE_RATIOS = (0.6, 0.7, 0.8)
 AUTO_EXPONENTS = (0.5, 1.0)
 # Bytes per stored pair besides its factor values: sigma_k (float32) and its two keep counts (int32).

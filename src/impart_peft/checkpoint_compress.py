@@ -189,7 +189,7 @@ def compress_checkpoints(
     settings: dict[str, ModuleSettings] = {}
     if config.planned:
         # First pass (target_size / "auto"): each tensor pair read once more, only its spectrum and the sizes of
-        # its vectors kept, so memory stays flat in model size (docs/algorithm.md section 10).
+        # its vectors kept, so memory stays flat in model size (docs/algorithm.md section 12).
         measures = {}
         with progress_bar(total, "measure", "tensor", progress) as bar, torch.no_grad():
             for name, item in planned.items():

@@ -358,7 +358,7 @@ def from_finetuned(
 
     settings: dict[str, ModuleSettings] = {}
     with torch.no_grad():
-        if config.planned:  # first pass: spectra and vector sizes only (docs/algorithm.md section 10)
+        if config.planned:  # first pass: spectra and vector sizes only (docs/algorithm.md section 12)
             measures = {}
             for name, plan in plans.items():
                 measure = measure_module(plan, *module_params(name), config)

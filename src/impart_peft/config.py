@@ -15,7 +15,7 @@ from .allocation import (
     check_importance_exponent,
     check_pre_prune_ratio,
 )
-from .budget import AUTO, parse_target_size
+from .budget import AUTO, SIZE_RULES, parse_target_size
 from .quantization import QuantizationScheme
 from .registration import IMPART_PEFT_TYPE
 
@@ -33,7 +33,7 @@ class ImPartConfig(PeftConfig):
             7B fine-tune's quality in the paper). ``None`` keeps every element of every non-zero singular pair:
             the merged model is the fine-tune to float error (for checks, not for shipping).
         pre_prune_ratio: beta in ``[0, 1)``: the fraction of the smallest singular pairs dropped whole, or
-            ``"auto"``: chosen per matrix from its spectrum (no data; docs/algorithm.md section 10).
+            ``"auto"``: chosen per matrix from its spectrum (no data; docs/algorithm.md section 12).
         importance_exponent: C ``> 0`` in ``p_k = gamma * (1 - (sigma_k / sigma_1) ** C)``, or ``"auto"``.
         target_size: a cap on the whole adapter instead of one ratio for every matrix: bytes (``30_000_000``), a
             size (``"30MB"``, ``"1.5GiB"``) or a global ratio (``"16x"``: the file at most 1/16 of the dense deltas
@@ -41,6 +41,9 @@ class ImPartConfig(PeftConfig):
             the matrices by their spectra, and each matrix's ratio (and beta, C) is recorded in ``module_meta``.
             ``compression_ratio`` is then ignored for the allocation and overwritten with the model-wide ratio
             achieved. ``None`` (default): every matrix at ``compression_ratio``.
+        size_rule: how ``target_size`` is spread over the matrices: ``"uniform"`` (default: the one ratio, the
+            smallest whose file fits) or ``"spectral"`` (each matrix's ratio from its spectrum, by the expected
+            damage of docs/algorithm.md section 12, within a factor 2 of the uniform ratio).
         allocation: the allocation rule: ``"paper"`` (default: the authors' code, gamma fixed, whole pairs dropped
             from the end, every kept pair at ``q_k >= 1 - gamma``) or ``"rescaled"`` (this project's first reading:
             gamma re-solved so the mean is exact; it can keep pairs at tiny ``q_k``). See docs/algorithm.md.
@@ -95,6 +98,9 @@ class ImPartConfig(PeftConfig):
     target_size: int | str | None = field(
         default=None, metadata={"help": "cap on the adapter file: bytes, '30MB', or a global ratio '16x'"}
     )
+    size_rule: Literal["uniform", "spectral"] = field(
+        default="uniform", metadata={"help": "how target_size is spread over the matrices"}
+    )
     allocation: Literal["paper", "rescaled"] = field(default="paper", metadata={"help": "allocation rule"})
     seed: int = field(default=0, metadata={"help": "seed of the deterministic masks"})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "modules to compress"})
@@ -125,6 +131,8 @@ class ImPartConfig(PeftConfig):
             check_importance_exponent(self.importance_exponent)
         if self.target_size is not None:
             parse_target_size(self.target_size)
+        if self.size_rule not in SIZE_RULES:
+            raise ValueError(f"size_rule must be one of {SIZE_RULES}, got {self.size_rule!r}")
         if self.quantization is not None and self.planned and not self.module_meta:
             raise ValueError(
                 "target_size and 'auto' pre_prune_ratio / importance_exponent are not supported with quantization "

@@ -172,23 +172,31 @@ def plan_settings(measures: dict[str, ModuleMeasure], config: ImPartConfig) -> d
         for name, measure in measures.items()
         if measure.has_matrix
     }
-    if config.target_size is None:
+
+    def uniform(ratio: float | None, floor: bool = False) -> dict[str, ModuleSettings]:
+        """Every matrix at ``ratio`` (``floor``: at most its top pair whole), the grid's best (beta, C) if auto."""
         settings = {}
         for name, spectrum in spectra.items():
-            ratio = config.compression_ratio
             if ratio is None:  # lossless: every pair whole, beta and C do not matter
                 settings[name] = _allocate(measures[name], None, config, None)
                 continue
             budget = factor_value_budget(spectrum.shape, target_keep_fraction(spectrum.shape, ratio))
+            matrix_ratio = ratio
+            if floor and budget < spectrum.min_values:
+                budget = spectrum.min_values
+                matrix_ratio = math.prod(spectrum.shape) / budget
             plan = choose_settings(
                 spectrum, budget, config.pre_prune_ratio, config.importance_exponent, keep_prob_fn
             )
-            settings[name] = _allocate(measures[name], plan, config, ratio)
+            settings[name] = _allocate(measures[name], plan, config, matrix_ratio)
         return settings
 
-    target = parse_target_size(config.target_size)
-    dense_bytes = sum(math.prod(s.shape) * s.value_bytes for s in spectra.values())
-    cap = target.cap(dense_bytes)
+    if config.target_size is None:
+        return uniform(config.compression_ratio)
+    if config.size_rule == "uniform":
+        return _fit_uniform(measures, spectra, config, uniform)
+
+    cap = _cap(spectra, config)
     beta, exponent = config.pre_prune_ratio, config.importance_exponent
     fixed = adapter_file_size(measures, {})  # vectors and the header without any matrix
     # An upper bound of each matrix's header entries: its four names, with 20 digits for every number.
@@ -208,13 +216,7 @@ def plan_settings(measures: dict[str, ModuleMeasure], config: ImPartConfig) -> d
         return plans, settings, adapter_file_size(measures, {n: s.allocation for n, s in settings.items()})
 
     def too_small(smallest: int) -> ValueError:
-        return ValueError(
-            f"target_size {config.target_size!r} ({cap} bytes) is too small for this fine-tune: the smallest adapter, "
-            f"the top singular pair of each of its {len(spectra)} changed matrices kept whole plus "
-            f"{sum(len(m.vectors) for m in measures.values())} dense vectors, is {smallest} bytes "
-            f"({format_size(smallest)}). Ask for target_size={smallest} or more, or leave modules out "
-            "(exclude_modules, include_embeddings=False)"
-        )
+        return _too_small(measures, spectra, config, cap, smallest)
 
     try:
         plans = plan_budget(list(spectra.values()), cap - fixed, beta, exponent, keep_prob_fn, spread=SPREAD)
@@ -252,8 +254,51 @@ def plan_settings(measures: dict[str, ModuleMeasure], config: ImPartConfig) -> d
     return settings
 
 
+def _cap(spectra: dict[str, MatrixSpectrum], config: ImPartConfig) -> int:
+    dense_bytes = sum(math.prod(s.shape) * s.value_bytes for s in spectra.values())
+    return parse_target_size(config.target_size).cap(dense_bytes)
+
+
+def _too_small(measures, spectra, config: ImPartConfig, cap: int, smallest: int) -> ValueError:
+    return ValueError(
+        f"target_size {config.target_size!r} ({cap} bytes) is too small for this fine-tune: the smallest adapter, "
+        f"the top singular pair of each of its {len(spectra)} changed matrices kept whole plus "
+        f"{sum(len(m.vectors) for m in measures.values())} dense vectors, is {smallest} bytes "
+        f"({format_size(smallest)}). Ask for target_size={smallest} or more, or leave modules out "
+        "(exclude_modules, include_embeddings=False)"
+    )
+
+
+def _fit_uniform(measures, spectra, config: ImPartConfig, uniform) -> dict[str, ModuleSettings]:
+    """``size_rule="uniform"``: the smallest one ratio (each matrix at least its top pair whole) whose exact file
+    fits the cap, by bisection on the ratio (the file shrinks as the ratio grows)."""
+    cap = _cap(spectra, config)
+
+    def size(settings: dict[str, ModuleSettings]) -> int:
+        return adapter_file_size(measures, {n: s.allocation for n, s in settings.items()})
+
+    low = 1.05
+    high = max([math.prod(s.shape) / s.min_values for s in spectra.values()] + [low])
+    best = uniform(high, floor=True)
+    if size(best) > cap:
+        raise _too_small(measures, spectra, config, cap, size(best))
+    candidate = uniform(low, floor=True)
+    if size(candidate) <= cap:
+        return candidate
+    for _ in range(40):  # in log space: 40 halvings pin the ratio far below one grid step
+        if high / low <= 1 + 1e-7:
+            break
+        middle = math.sqrt(low * high)
+        candidate = uniform(middle, floor=True)
+        if size(candidate) <= cap:
+            high, best = middle, candidate
+        else:
+            low = middle
+    return best
+
+
 # Per-matrix ratios stay within this factor of the one ratio that would fill the budget uniformly (see
-# docs/algorithm.md section 10: wider windows lowered the task quality on the real pairs).
+# docs/algorithm.md section 12: wider windows lowered the task quality on the real pairs).
 SPREAD = 2.0
 _TENSOR_NAMES = ("impart_singular_values", "impart_keep_count", "impart_u_values", "impart_v_values")
 

@@ -287,7 +287,7 @@ def _check_settings(data: Mapping[str, Any], config: Any, fail: Callable[..., Ex
         check_importance_exponent,
         check_pre_prune_ratio,
     )
-    from .budget import AUTO, parse_target_size
+    from .budget import AUTO, SIZE_RULES, parse_target_size
     from .quantization import QuantizationScheme
 
     def auto_or(check: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -310,6 +310,7 @@ def _check_settings(data: Mapping[str, Any], config: Any, fail: Callable[..., Ex
         "allocation": ALLOCATION_RULES,
         "svd_dtype": ("float32", "float64"),
         "base_check": ("error", "warn", "ignore"),
+        "size_rule": SIZE_RULES,
     }
     for field, allowed in choices.items():
         if field in data and (not isinstance(data[field], str) or data[field] not in allowed):
