@@ -142,6 +142,28 @@ def print_table(summary: dict) -> None:
                 )
 
 
+def markdown(summary: dict) -> str:
+    """The table of docs/benchmarks.md: per task and ratio, mean ± std over seeds of kept / kl_task / kl_text."""
+    lines = [
+        "| task | CR | method | kept % | KL answers (nats) | KL text (nats) | file MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, by_ratio in summary.items():
+        for ratio in sorted(by_ratio, key=float):
+            for method, cell in by_ratio[ratio].items():
+                spread = (
+                    f" ± {cell['kept_std']:.1f}" if cell.get("kept_std") else "",
+                    f" ± {cell['kl_task_std']:.5f}" if cell.get("kl_task_std") else "",
+                    f" ± {cell['kl_text_std']:.5f}" if cell.get("kl_text_std") else "",
+                )
+                lines.append(
+                    f"| {task} | {float(ratio):g} | {method} | {cell['kept']:.1f}{spread[0]} | "
+                    f"{cell['kl_task']:.5f}{spread[1]} | {cell['kl_text']:.5f}{spread[2]} | "
+                    f"{cell['file_bytes'] / 1e6:.3f} |"
+                )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[16, 32])
@@ -152,10 +174,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heldout-chunks", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS / "budget_real.json")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the table of --out as markdown and stop"
+    )
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(summarize(json.loads(args.out.read_text())["rows"])))
+        return {}
     torch.set_num_threads(int(os.environ.get("IMPART_BENCH_THREADS", "2")))
     suite = Q.load_suite("real", tuple(args.tasks) if args.tasks else None)
-    rows = json.loads(args.out.read_text())["rows"] if args.resume and args.out.exists() else []
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.exists() else {}
+    rows = previous.get("rows", [])
     done = {(r["task"], r["ratio"], r["method"], r["seed"]) for r in rows}
     meta = {
         "command": "python benchmarks/budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -165,7 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_chunks": args.heldout_chunks,
         "torch_threads": torch.get_num_threads(),
         "library": Q.library_fingerprint(),
+        # a resumed run: every command that added rows, in order (one plain run of the default methods does it all)
+        "runs": [
+            *previous.get("meta", {}).get("runs", [previous["meta"]["command"]] if previous else []),
+            None,
+        ],
     }
+    meta["runs"][-1] = meta["command"]
 
     def flush() -> dict:
         result = {"meta": meta, "summary": summarize(rows), "rows": rows}
