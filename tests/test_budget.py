@@ -231,3 +231,24 @@ def test_ratio_grid_bounds():
     assert (np.diff(grid) > 0).all()
     window = ratio_grid((64, 128), ratio_range=(8.0, 16.0))
     assert window[0] >= math.floor(64 * 128 / 16) and window[-1] <= math.floor(64 * 128 / 8)
+
+
+def test_plan_budget_spends_the_budget_when_the_criterion_rises_with_bytes():
+    # With beta 0.6, C 1 on a 1/k spectrum, a bigger budget keeps more pairs at small q, and the criterion rises
+    # from ratio ~18 to ~8 (their variance outweighs their bias). The plan must still fill the size asked for.
+    sigma = 1.0 / (1.0 + np.arange(64))
+    spectra = [MatrixSpectrum(f"m{i}", (64, 64), (1 + 0.1 * i) * sigma, 2) for i in range(3)]
+    damage_by_budget = [
+        expected_damage(
+            sigma, paper_keep_prob(sigma, (64, 64), np.array([b]), 0.6, 1.0), noise_discount(sigma, (64, 64))
+        )[0]
+        for b in (64 * 64 // 18, 64 * 64 // 8)
+    ]
+    assert damage_by_budget[1] > damage_by_budget[0]  # the situation this test is about
+    available = 3 * 64 * 64 * 2 // 8
+    for spread in (None, 2.0):
+        plans = plan_budget(spectra, available, 0.6, 1.0, spread=spread)
+        used = _estimated_bytes(spectra, plans, 0.6, 1.0)
+        assert 0.95 * available <= used <= available  # within one grid step (10%) of one matrix
+        if spread is not None:
+            assert all(8 / 2 / 1.2 <= p.compression_ratio <= 8 * 2 * 1.2 for p in plans.values())

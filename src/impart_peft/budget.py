@@ -374,7 +374,8 @@ def plan_budget(
     Each matrix chooses a budget from :func:`ratio_grid`; its bytes are estimated as ``budget * value_bytes +
     PAIR_BYTES * pairs + overhead_bytes``. The Lagrangian ``sum D_i + lam * bytes_i`` is minimised for the ``lam``
     (found by bisection) whose total fits, then the bytes left are spent greedily on the upgrades with the most
-    damage saved per byte. Deterministic: ties go to the cheaper choice and to the earlier matrix.
+    damage saved per byte, and what is still left one grid step at a time on the steps that raise the damage least
+    per byte (so the plan ends within one grid step of ``available_bytes``). Deterministic: ties go to the cheaper choice and to the earlier matrix.
 
     Raises:
         BudgetTooSmallError: ``available_bytes`` is below the smallest plan (every matrix its top pair whole).
@@ -391,15 +392,15 @@ def plan_budget(
         budgets = ratio_grid(spectrum.shape, step, ratio_range=ratio_range)
         damage, choice, pairs = _damage_table(spectrum, budgets, settings, keep_prob_fn)
         cost = budgets * spectrum.value_bytes + PAIR_BYTES * pairs + spectrum.overhead_bytes
-        # Only the points no cheaper point beats: damage falls strictly as bytes grow.
         order = np.lexsort((damage, cost))
-        keep, lowest = [], np.inf
-        for index in order:
+        budgets, cost, damage, choice = budgets[order], cost[order], damage[order], choice[order]
+        # The Lagrangian sees only the points no cheaper point beats (damage falls strictly as bytes grow).
+        frontier, lowest = [], np.inf
+        for index in range(cost.size):
             if damage[index] < lowest:
-                keep.append(index)
+                frontier.append(index)
                 lowest = damage[index]
-        keep = np.array(keep, dtype=np.int64)
-        tables.append((budgets[keep], cost[keep], damage[keep], choice[keep]))
+        tables.append((budgets, cost, damage, choice, np.array(frontier, dtype=np.int64)))
     smallest = int(sum(int(t[1][0]) for t in tables))
     if available_bytes < smallest:
         raise BudgetTooSmallError(
@@ -409,12 +410,12 @@ def plan_budget(
         )
 
     def pick(lam: float) -> list[int]:
-        return [int(np.argmin(t[2] + lam * t[1])) for t in tables]
+        return [int(t[4][np.argmin(t[2][t[4]] + lam * t[1][t[4]])]) for t in tables]
 
     def total(picks: list[int]) -> int:
         return sum(int(t[1][p]) for t, p in zip(tables, picks, strict=True))
 
-    picks = [t[1].size - 1 for t in tables]
+    picks = [int(t[4][-1]) for t in tables]
     if total(picks) > available_bytes:
         low, high = 0.0, 1.0
         while total(pick(high)) > available_bytes:
@@ -429,25 +430,42 @@ def plan_budget(
                 break
         picks = pick(high)
         left = available_bytes - total(picks)
-        while True:  # greedy: the upgrade with the most damage saved per byte that still fits
+        while True:  # greedy: the frontier upgrade with the most damage saved per byte that still fits
             best_gain, best = 0.0, None
-            for i, (_, cost, damage, _) in enumerate(tables):
-                p = picks[i]
-                extra = cost[p + 1 :] - cost[p]
+            for i, (_, cost, damage, _, frontier) in enumerate(tables):
+                ahead = frontier[frontier > picks[i]]
+                extra = cost[ahead] - cost[picks[i]]
                 fits = np.flatnonzero(extra <= left)
                 if fits.size == 0:
                     continue
-                gains = (damage[p] - damage[p + 1 :][fits]) / extra[fits]
+                gains = (damage[picks[i]] - damage[ahead][fits]) / extra[fits]
                 j = int(np.argmax(gains))
                 if gains[j] > best_gain:
-                    best_gain, best = float(gains[j]), (i, p + 1 + int(fits[j]))
+                    best_gain, best = float(gains[j]), (i, int(ahead[fits[j]]))
             if best is None:
                 break
             i, p = best
             left -= int(tables[i][1][p] - tables[i][1][picks[i]])
             picks[i] = p
+    # A fixed (beta, C) can make the criterion rise with the budget (more pairs kept at small q, whose variance
+    # outweighs their bias), so the frontier may stop well below the cap. The user asked for a size: spend what is
+    # left one grid step at a time on the steps that raise the estimate least per byte.
+    left = available_bytes - total(picks)
+    while True:
+        best_rise, best = np.inf, None
+        for i, (_, cost, damage, _, _) in enumerate(tables):
+            p = picks[i]
+            if p + 1 >= cost.size or cost[p + 1] - cost[p] > left:
+                continue
+            rise = (damage[p + 1] - damage[p]) / max(1, int(cost[p + 1] - cost[p]))
+            if rise < best_rise:
+                best_rise, best = rise, i
+        if best is None:
+            break
+        left -= int(tables[best][1][picks[best] + 1] - tables[best][1][picks[best]])
+        picks[best] += 1
     plans = {}
-    for spectrum, (budgets, _, damage, choice), p in zip(spectra, tables, picks, strict=True):
+    for spectrum, (budgets, _, damage, choice, _), p in zip(spectra, tables, picks, strict=True):
         m, n = spectrum.shape
         beta, exponent = settings[int(choice[p])]
         budget = int(budgets[p])
