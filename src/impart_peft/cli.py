@@ -1,6 +1,7 @@
 """The ``impart`` command line: compress, inspect, apply and evaluate ImPart adapters.
 
-    impart compress BASE FINETUNED OUTPUT [--ratio 16] [--pre-prune 0.8] [--exponent 1.0] [--seed 0] [--device cuda]
+    impart compress BASE FINETUNED OUTPUT [--ratio 16 | --size 30MB [--size-rule spectral]] [--pre-prune 0.8|auto]
+                    [--exponent 1.0|auto] [--seed 0] [--device cuda]
                     [--bits 8,4,3,2 [--bit-fractions F,F,F,F] [--group-size 128]] [--push-to-hub ORG/NAME]
     impart inspect ADAPTER
     impart apply BASE ADAPTER OUTPUT
@@ -24,7 +25,9 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 import shlex
+import statistics
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -129,6 +132,28 @@ def _ratio(text: str) -> float | None:
     return value
 
 
+def _target_size(text: str) -> str:
+    """``--size``: checked as ImPartConfig checks ``target_size`` (its message is the usage error)."""
+    from .budget import parse_target_size
+
+    try:
+        parse_target_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip()
+
+
+def _or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: ``"auto"`` (chosen per matrix from its spectrum), else ``parse(text)``."""
+
+    def parse_or_auto(text: str) -> Any:
+        if text.strip().lower() == "auto":
+            return "auto"  # impart_peft.budget.AUTO (not imported here: it needs numpy)
+        return parse(text)
+
+    return parse_or_auto
+
+
 def _allocation_check(name: str) -> Callable[[float], None]:
     """``impart_peft.allocation.<name>``, imported when an option is parsed (it needs torch)."""
 
@@ -192,34 +217,67 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .inspection import inspect_adapter
 
     push = _push_function() if args.push_to_hub else None  # fail before hours of work, not after
+    if args.size_rule is not None and args.size is None:
+        raise ValueError(
+            "--size-rule says how --size is spread over the matrices: it needs --size (e.g. --size 30MB)"
+        )
     config = ImPartConfig(
         compression_ratio=args.ratio,
         pre_prune_ratio=args.pre_prune,
         importance_exponent=args.exponent,
+        target_size=args.size,
+        size_rule=args.size_rule or _config_defaults()["size_rule"],
         allocation=args.allocation,
         seed=args.seed,
         svd_dtype=args.svd_dtype,
         include_embeddings=not args.no_embeddings,
         quantization=_quantization(args),
     )
-    output = compress_checkpoints(
-        args.base,
-        args.finetuned,
-        args.output,
-        config,
-        command=getattr(args, "command_line", None),
-        **_writing(args),
-    )
+    try:
+        output = compress_checkpoints(
+            args.base,
+            args.finetuned,
+            args.output,
+            config,
+            command=getattr(args, "command_line", None),
+            **_writing(args),
+        )
+    except ValueError as error:
+        smallest = _smallest_size(error) if args.size is not None else None
+        if smallest is None:
+            raise
+        raise ValueError(
+            f"--size {args.size} is too small for this fine-tune: the smallest adapter (the top singular pair of "
+            f"each changed matrix kept whole, and the dense vectors) is {smallest} bytes ({_size(smallest)}); "
+            f"ask for --size {smallest} or more, or leave the embeddings out (--no-embeddings)"
+        ) from error
     if not args.quiet:
         summary = inspect_adapter(output)
+        per_matrix = _per_matrix(summary)
         print(
             f"wrote {output}: {len(summary.modules)} modules, {_size(summary.file_bytes)} "
             f"(the dense deltas: {_size(summary.dense_bytes)}, {_fmt_ratio(summary.disk_ratio)} smaller)"
+            + (
+                f"; per-matrix ratio {_matrix_ratio(per_matrix['ratio_min'])} to "
+                f"{_matrix_ratio(per_matrix['ratio_max'])} (impart inspect shows each)"
+                if per_matrix and per_matrix["ratio_min"] is not None
+                else ""
+            )
         )
     if push is not None:
         result = push(str(output), args.push_to_hub)
         _say(args, f"pushed to {args.push_to_hub}: {getattr(result, 'commit_url', result)}")
     return 0
+
+
+def _smallest_size(error: ValueError) -> int | None:
+    """The smallest ``target_size`` that works, from a too-small-budget error: ``BudgetTooSmallError.smallest``, else
+    the ``target_size=N`` the planner's message asks for (``None`` if the error is about something else)."""
+    smallest = getattr(error, "smallest", None)
+    if isinstance(smallest, int) and not isinstance(smallest, bool):
+        return smallest
+    found = re.search(r"too small\b.*\btarget_size=([0-9]+)", " ".join(str(error).split()))
+    return int(found.group(1)) if found else None
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -253,6 +311,40 @@ def _push_function():
     return push
 
 
+def _setting(value: Any) -> str:
+    """A setting of the config or of one matrix: ``auto``, ``lossless`` (a ratio of None) or the number."""
+    if value is None:
+        return "lossless"
+    if isinstance(value, str):
+        return value
+    return f"{value:g}"
+
+
+def _matrix_ratio(value: float | None) -> str:
+    return "lossless" if value is None else f"{value:.2f}"
+
+
+def _per_matrix(summary) -> dict[str, Any] | None:
+    """What the modules of a planned adapter (target_size / "auto") record: the spread of their ratios, beta, C."""
+    recorded = [m.settings for m in summary.modules if m.settings is not None]
+    if not recorded:
+        return None
+    ratios = sorted(s["compression_ratio"] for s in recorded if s.get("compression_ratio") is not None)
+
+    def counts(key: str) -> dict[str, int]:
+        values = sorted(s[key] for s in recorded if s.get(key) is not None)
+        return {_setting(v): values.count(v) for v in dict.fromkeys(values)}
+
+    return {
+        "matrices": len(recorded),
+        "ratio_min": ratios[0] if ratios else None,
+        "ratio_median": statistics.median(ratios) if ratios else None,
+        "ratio_max": ratios[-1] if ratios else None,
+        "pre_prune_ratio_counts": counts("pre_prune_ratio"),
+        "importance_exponent_counts": counts("importance_exponent"),
+    }
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect_adapter
 
@@ -261,13 +353,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(_summary_dict(summary), indent=2))
         return 0
     config = summary.config
-    ratio = "lossless" if config.compression_ratio is None else f"{config.compression_ratio:g}"
+    ratio = _setting(config.compression_ratio)
+    if config.target_size is not None:
+        ratio = f"target size {config.target_size} (size rule {config.size_rule}), achieved ratio {ratio}"
+    else:
+        ratio = f"ratio {ratio}"
     print(f"adapter:    {summary.folder}")
     print(f"base:       {config.base_model_name_or_path}")
     print(f"fine-tune:  {config.finetuned_model_name_or_path}")
     print(
-        f"settings:   ratio {ratio}, pre-prune {config.pre_prune_ratio:g}, exponent {config.importance_exponent:g}, "
-        f"allocation {config.allocation}, seed {config.seed}, svd {config.svd_dtype}"
+        f"settings:   {ratio}, pre-prune {_setting(config.pre_prune_ratio)}, "
+        f"exponent {_setting(config.importance_exponent)}, allocation {config.allocation}, seed {config.seed}, "
+        f"svd {config.svd_dtype}"
         + (
             f", bits {'/'.join(str(b) for b in config.quantization['bits'])} (group {config.quantization['group_size']})"
             if config.quantization
@@ -275,7 +372,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         )
     )
     print()
-    rows = [("module", "kind", "shape", "dtype", "pairs", "stored values", "nominal CR", "disk CR")]
+    per_matrix = _per_matrix(summary)
+    header = ("module", "kind", "shape", "dtype", "pairs", "stored values", "nominal CR", "disk CR")
+    # Per-matrix settings (target_size / "auto"): the ratio, beta and C module_meta records for each matrix.
+    rows = [header + (("ratio", "beta", "C") if per_matrix else ())]
     for m in summary.modules:
         if m.kind == "tied":
             pairs, stored = f"= {m.tied_to}", "0"
@@ -283,37 +383,59 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             pairs, stored = f"{m.rank}/{m.full_rank}", f"{m.stored_values:,}"
         else:
             pairs, stored = "dense", f"{m.stored_values:,}"
-        rows.append(
-            (
-                m.name,
-                m.kind,
-                "x".join(str(d) for d in m.shape),
-                m.dtype,
-                pairs,
-                stored,
-                _fmt_ratio(m.nominal_ratio),
-                _fmt_ratio(m.disk_ratio),
-            )
+        row = (
+            m.name,
+            m.kind,
+            "x".join(str(d) for d in m.shape),
+            m.dtype,
+            pairs,
+            stored,
+            _fmt_ratio(m.nominal_ratio),
+            _fmt_ratio(m.disk_ratio),
         )
-    rows.append(
-        (
-            f"total ({len(summary.modules)} modules)",
-            "",
-            "",
-            "",
-            "",
-            f"{summary.stored_values:,}",
-            _fmt_ratio(summary.nominal_ratio),
-            _fmt_ratio(summary.disk_ratio),
-        )
+        if per_matrix:
+            if m.settings is None:
+                row += ("-", "-", "-")
+            else:
+                row += (
+                    _matrix_ratio(m.settings.get("compression_ratio")),
+                    _setting(m.settings.get("pre_prune_ratio")),
+                    _setting(m.settings.get("importance_exponent")),
+                )
+        rows.append(row)
+    total = (
+        f"total ({len(summary.modules)} modules)",
+        "",
+        "",
+        "",
+        "",
+        f"{summary.stored_values:,}",
+        _fmt_ratio(summary.nominal_ratio),
+        _fmt_ratio(summary.disk_ratio),
     )
-    _print_table(rows, right={5, 6, 7}, total=True)
+    rows.append(total + (("", "", "") if per_matrix else ()))
+    _print_table(rows, right={5, 6, 7, 8, 9, 10}, total=True)
     print()
     print(
         f"{ADAPTER_FILE}: {_size(summary.file_bytes)}; the dense deltas it replaces: {_size(summary.dense_bytes)} "
         f"({_fmt_ratio(summary.disk_ratio)} on disk; nominal CR = dense matrix values / kept factor values"
         + (", in bits: codes and scales against the fine-tune's dtype)" if config.quantization else ")")
     )
+    if per_matrix:
+        if per_matrix["ratio_min"] is None:
+            spread = "lossless"
+        else:
+            spread = " / ".join(
+                _matrix_ratio(per_matrix[k]) for k in ("ratio_min", "ratio_median", "ratio_max")
+            )
+
+        def counted(key: str) -> str:
+            return ", ".join(f"{v} x{n}" for v, n in per_matrix[key].items())
+
+        print(
+            f"per-matrix ratio min/median/max: {spread} over {per_matrix['matrices']} matrices "
+            f"(beta {counted('pre_prune_ratio_counts')}; C {counted('importance_exponent_counts')})"
+        )
     if summary.other_tensors:
         print(
             f"note: the file also holds {len(summary.other_tensors)} tensor(s) that are not ImPart deltas "
@@ -334,11 +456,17 @@ def _summary_dict(summary) -> dict[str, Any]:
         row["nominal_ratio"] = m.nominal_ratio
         row["disk_ratio"] = m.disk_ratio
         modules.append(row)
+    config = summary.config
     return {
         "adapter": str(summary.folder),
-        "base_model_name_or_path": summary.config.base_model_name_or_path,
-        "finetuned_model_name_or_path": summary.config.finetuned_model_name_or_path,
-        "compression_ratio": summary.config.compression_ratio,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "finetuned_model_name_or_path": config.finetuned_model_name_or_path,
+        "compression_ratio": config.compression_ratio,
+        "pre_prune_ratio": config.pre_prune_ratio,
+        "importance_exponent": config.importance_exponent,
+        "target_size": config.target_size,
+        "size_rule": config.size_rule if config.target_size is not None else None,
+        "per_matrix": _per_matrix(summary),
         "file_bytes": summary.file_bytes,
         "dense_bytes": summary.dense_bytes,
         "stored_values": summary.stored_values,
@@ -499,21 +627,24 @@ def _json_option(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _impart_options(sub: argparse.ArgumentParser, pre_prune: str, exponent: str) -> None:
-    """--pre-prune and --exponent, checked and defaulted as ImPartConfig checks and defaults them."""
+def _impart_options(sub: argparse.ArgumentParser, pre_prune: str, exponent: str, auto: bool = False) -> None:
+    """--pre-prune and --exponent, checked and defaulted as ImPartConfig checks and defaults them (``auto``: they
+    also take ``auto``, chosen per matrix from its spectrum)."""
     defaults = _config_defaults()
+    beta = _checked(float, _allocation_check("check_pre_prune_ratio"))
+    c = _checked(float, _allocation_check("check_importance_exponent"))
     sub.add_argument(
         "--pre-prune",
-        type=_checked(float, _allocation_check("check_pre_prune_ratio")),
+        type=_or_auto(beta) if auto else beta,
         default=defaults["pre_prune_ratio"],
-        metavar="BETA",
+        metavar="BETA|auto" if auto else "BETA",
         help=f"{pre_prune} (default: %(default)s)",
     )
     sub.add_argument(
         "--exponent",
-        type=_checked(float, _allocation_check("check_importance_exponent")),
+        type=_or_auto(c) if auto else c,
         default=defaults["importance_exponent"],
-        metavar="C",
+        metavar="C|auto" if auto else "C",
         help=f"{exponent} (default: %(default)s)",
     )
 
@@ -526,17 +657,36 @@ def _compress_arguments(sub: argparse.ArgumentParser) -> None:
         ("finetuned", "FINETUNED", "the full fine-tune of BASE: folder or Hub repo id"),
         ("output", "OUTPUT", "the adapter folder to write"),
     )
-    sub.add_argument(
+    budget = sub.add_mutually_exclusive_group()
+    budget.add_argument(
         "--ratio",
         type=_ratio,
         default=defaults["compression_ratio"],
-        help="compression ratio: dense delta values / stored values, > 1, or 'none' for lossless "
+        help="compression ratio of every matrix: dense delta values / stored values, > 1, or 'none' for lossless "
         "(default: %(default)s)",
+    )
+    budget.add_argument(
+        "--size",
+        type=_target_size,
+        default=defaults["target_size"],
+        metavar="SIZE",
+        help="a cap on adapter_model.safetensors instead of --ratio: bytes with a unit, e.g. 30MB, 1.5GB, 30MiB, "
+        "or a global ratio, e.g. 16x (the file at most 1/16 of the dense deltas); each matrix's ratio is "
+        "planned and recorded (ImPartConfig.target_size; docs/algorithm.md section 12)",
+    )
+    sub.add_argument(
+        "--size-rule",
+        choices=("uniform", "spectral"),
+        default=None,
+        help="with --size: 'uniform' (one ratio for every matrix, the smallest that fits) or 'spectral' (each "
+        f"matrix's ratio from its spectrum) (default: {defaults['size_rule']})",
     )
     _impart_options(
         sub,
-        "fraction of the smallest singular pairs dropped whole, in [0, 1)",
-        "importance exponent C > 0",
+        "fraction of the smallest singular pairs dropped whole, in [0, 1), or 'auto' (per matrix, from its "
+        "spectrum)",
+        "importance exponent C > 0, or 'auto' (per matrix, from its spectrum)",
+        auto=True,
     )
     sub.add_argument(
         "--allocation",

@@ -18,6 +18,9 @@ from .safetensors_io import itemsize
 
 __all__ = ["AdapterSummary", "ModuleSummary", "inspect_adapter"]
 
+# What module_meta records per matrix of a planned compression (planning.ModuleSettings.meta()).
+_SETTINGS = ("compression_ratio", "pre_prune_ratio", "importance_exponent")
+
 
 @dataclass
 class ModuleSummary:
@@ -36,6 +39,9 @@ class ModuleSummary:
     stored_bytes: int  # bytes of this module's tensors in the file
     tied_to: str | None = None
     factor_bits: int | None = None  # ImPart-QT only: bits of the packed codes and their scales
+    # target_size / "auto" only: the compression_ratio, pre_prune_ratio and importance_exponent this matrix was
+    # compressed with, as module_meta records them (None: the config's, for every matrix)
+    settings: dict[str, float | None] | None = None
 
     @property
     def nominal_ratio(self) -> float | None:
@@ -92,6 +98,10 @@ class AdapterSummary:
     def disk_ratio(self) -> float | None:
         """Dense deltas of every covered parameter, in the fine-tune's dtype / the adapter file's size."""
         return self.dense_bytes / self.file_bytes if self.file_bytes else None
+
+
+def _recorded_settings(meta: dict) -> dict[str, float | None] | None:
+    return {key: meta.get(key) for key in _SETTINGS} if any(key in meta for key in _SETTINGS) else None
 
 
 def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:
@@ -156,6 +166,7 @@ def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:
                 stored_bytes=bytes_by_module.get(name, 0),
                 tied_to=meta.get("tied_to"),
                 factor_bits=factor_bits,
+                settings=_recorded_settings(meta),
             )
         )
     return summary

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -228,9 +229,34 @@ def _count(n: int) -> str:
 
 
 def _number(value: Any) -> str:
+    """A number of the config as the card shows it; ``"auto"`` (chosen per matrix) and other text as they are."""
     return (
         f"{float(value):g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
     )
+
+
+def _literal(value: Any) -> str:
+    """A config value as Python source: a number as :func:`_number` writes it, text (``'auto'``, ``'30MB'``) quoted."""
+    return repr(value) if isinstance(value, str) else _number(value)
+
+
+def _recorded(meta: Mapping[str, Mapping[str, Any]], key: str) -> list[Any]:
+    """The per-matrix settings a planned compression (``target_size`` / ``"auto"``) recorded in ``module_meta``."""
+    return [
+        entry[key] for entry in meta.values() if isinstance(entry, Mapping) and entry.get(key) is not None
+    ]
+
+
+def _setting_cell(data: Mapping[str, Any], key: str) -> str:
+    """The table cell of beta or C: the value, or ``auto`` with what was chosen per matrix (``0.6 x3, 0.8 x5``)."""
+    value = data.get(key)
+    if value != "auto":
+        return _number(value)
+    chosen = sorted(_recorded(data.get("module_meta") or {}, key))
+    if not chosen:
+        return "auto"
+    counts = ", ".join(f"{_number(v)} x{chosen.count(v)}" for v in dict.fromkeys(chosen))
+    return f"auto, chosen per matrix from its spectrum: {counts}"
 
 
 def _task(data: Mapping[str, Any]) -> str | None:
@@ -251,10 +277,18 @@ def _unique(items: Sequence[str]) -> list[str]:
 
 
 def _config_call(data: Mapping[str, Any]) -> str:
-    args = [
-        f"compression_ratio={_number(data['compression_ratio']) if data.get('compression_ratio') is not None else None}",
-        f"pre_prune_ratio={_number(data.get('pre_prune_ratio', 0.8))}",
-        f"importance_exponent={_number(data.get('importance_exponent', 1.0))}",
+    if data.get("target_size") is not None:
+        # The size budget, not the ratio it achieved (which is what compression_ratio then records).
+        args = [
+            f"target_size={_literal(data['target_size'])}",
+            f"size_rule={_literal(data.get('size_rule', 'uniform'))}",
+        ]
+    else:
+        ratio = data.get("compression_ratio")
+        args = [f"compression_ratio={_literal(ratio) if ratio is not None else None}"]
+    args += [
+        f"pre_prune_ratio={_literal(data.get('pre_prune_ratio', 0.8))}",
+        f"importance_exponent={_literal(data.get('importance_exponent', 1.0))}",
         f"seed={data.get('seed', 0)}",
     ]
     if data.get("svd_dtype", "float32") != "float32":
@@ -381,11 +415,32 @@ def build_model_card(
         "",
         "| | |",
         "|---|---|",
-        f"| Compression ratio, nominal | {'none (lossless)' if lossless else _number(stats.nominal_ratio)} |",
+    ]
+    target_size = data.get("target_size")
+    if target_size is not None:
+        lines.append(
+            f"| Size budget (target_size; size rule) | {_number(target_size)} "
+            f"({data.get('size_rule', 'uniform')}) |"
+        )
+    nominal = "none (lossless)" if lossless else _number(stats.nominal_ratio)
+    if target_size is not None and not lossless:
+        nominal += " (achieved under the size budget)"
+    lines += [
+        f"| Compression ratio, nominal | {nominal} |",
         f"| Compression ratio, values (dense delta values / stored U, V values) | {_ratio(stats.values_ratio)} |",
         f"| Compression ratio, on disk (dense delta bytes / adapter file bytes) | {_ratio(stats.disk_ratio)} |",
-        f"| Pre-prune ratio (beta) | {_number(data.get('pre_prune_ratio'))} |",
-        f"| Importance exponent (C) | {_number(data.get('importance_exponent'))} |",
+    ]
+    matrix_ratios = sorted(_recorded(data.get("module_meta") or {}, "compression_ratio"))
+    if matrix_ratios:
+        median = statistics.median(matrix_ratios)
+        lines.append(
+            "| Compression ratio per matrix, min / median / max | "
+            + " / ".join(f"{float(v):.2f}" for v in (matrix_ratios[0], median, matrix_ratios[-1]))
+            + " |"
+        )
+    lines += [
+        f"| Pre-prune ratio (beta) | {_setting_cell(data, 'pre_prune_ratio')} |",
+        f"| Importance exponent (C) | {_setting_cell(data, 'importance_exponent')} |",
         f"| Mask seed | {data.get('seed')} |",
         f"| Compressed matrices | {stats.matrices} ({stats.kept_pairs:,} singular pairs kept) |",
         f"| Dense 1-D deltas (norms, biases) | {stats.vectors} |",
