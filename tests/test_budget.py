@@ -252,3 +252,20 @@ def test_plan_budget_spends_the_budget_when_the_criterion_rises_with_bytes():
         assert 0.95 * available <= used <= available  # within one grid step (10%) of one matrix
         if spread is not None:
             assert all(8 / 2 / 1.2 <= p.compression_ratio <= 8 * 2 * 1.2 for p in plans.values())
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (100, 37), (37, 100), (5, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_singular_values_match_svdvals(shape, dtype):
+    from impart_peft.delta import singular_values
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -3, shape[1]))
+    expected = torch.linalg.svdvals(delta.double())
+    got = singular_values(delta, dtype)
+    assert got.dtype == torch.float64 and got.shape == (min(shape),)
+    assert (got[:-1] >= got[1:]).all()
+    # squared values to an absolute eps(dtype) * sigma_1**2 (what planning needs), relative near the top
+    tol = (1e-5 if dtype == torch.float32 else 1e-12) * float(expected[0]) ** 2
+    assert torch.allclose(got**2, expected**2, atol=tol, rtol=0)
+    assert torch.allclose(got[:3], expected[:3], rtol=1e-5)

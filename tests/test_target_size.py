@@ -14,6 +14,7 @@ from peft import PeftModel
 
 from impart_peft import ImPartConfig, from_finetuned
 from impart_peft.allocation import allocate_keep_prob
+from impart_peft.budget import BudgetTooSmallError
 from impart_peft.checkpoints import compress_checkpoints
 from impart_peft.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from impart_peft.validation import InvalidAdapterError
@@ -196,6 +197,7 @@ def test_too_small_a_size_names_the_smallest_that_works(pairs, rule, tmp_path):
     with pytest.raises(ValueError, match="too small") as info:
         from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=500, size_rule=rule))
     smallest = int(re.search(r"target_size=(\d+) or more", str(info.value)).group(1))
+    assert isinstance(info.value, BudgetTooSmallError) and info.value.smallest == smallest
     assert "singular pair" in str(info.value)
     model = from_finetuned(copy.deepcopy(base), finetuned, ImPartConfig(target_size=smallest, size_rule=rule))
     assert _save(model, tmp_path) <= smallest

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapter_io import ADAPTER_FORMAT_VERSION
 from .config import ImPartConfig
-from .delta import all_finite, compress_delta
+from .delta import all_finite, compress_delta, singular_values
 from .fingerprint import weight_fingerprint
 from .planning import ModuleMeasure, ModuleSettings, plan_settings
 from .quantization import compress_delta_quantized
@@ -164,7 +164,7 @@ def measure_module(
     device: torch.device | str | None = None,
 ) -> ModuleMeasure | None:
     """The first pass of a planned compression (:mod:`impart_peft.planning`) over one module: the singular values
-    of its weight delta (``torch.linalg.svdvals`` in ``config.svd_dtype``, no vectors) and the sizes of its changed
+    of its weight delta (:func:`~impart_peft.delta.singular_values`, no vectors) and the sizes of its changed
     vectors. ``None`` for a tied head (it stores nothing)."""
     if plan.kind == "tied":
         return None
@@ -174,8 +174,7 @@ def measure_module(
         delta = _matrix_delta(base_params["weight"], finetuned_params["weight"], device)
         shape, dtype = (int(delta.shape[0]), int(delta.shape[1])), finetuned_params["weight"].dtype
         if bool(delta.any()):
-            values = torch.linalg.svdvals(delta.to(getattr(torch, config.svd_dtype)))
-            sigma = values.to("cpu", torch.float64).numpy()
+            sigma = singular_values(delta, getattr(torch, config.svd_dtype)).cpu().numpy()
         del delta
     vectors = [
         (param_name, delta.dtype, int(delta.numel()))

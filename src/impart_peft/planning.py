@@ -259,13 +259,14 @@ def _cap(spectra: dict[str, MatrixSpectrum], config: ImPartConfig) -> int:
     return parse_target_size(config.target_size).cap(dense_bytes)
 
 
-def _too_small(measures, spectra, config: ImPartConfig, cap: int, smallest: int) -> ValueError:
-    return ValueError(
+def _too_small(measures, spectra, config: ImPartConfig, cap: int, smallest: int) -> BudgetTooSmallError:
+    return BudgetTooSmallError(
         f"target_size {config.target_size!r} ({cap} bytes) is too small for this fine-tune: the smallest adapter, "
         f"the top singular pair of each of its {len(spectra)} changed matrices kept whole plus "
         f"{sum(len(m.vectors) for m in measures.values())} dense vectors, is {smallest} bytes "
         f"({format_size(smallest)}). Ask for target_size={smallest} or more, or leave modules out "
-        "(exclude_modules, include_embeddings=False)"
+        "(exclude_modules, include_embeddings=False)",
+        smallest,
     )
 
 
