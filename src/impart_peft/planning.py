@@ -157,14 +157,16 @@ def _allocate(measure: ModuleMeasure, plan: MatrixPlan | None, config: ImPartCon
 def plan_settings(measures: dict[str, ModuleMeasure], config: ImPartConfig) -> dict[str, ModuleSettings]:
     """Per-matrix settings for a config with ``target_size`` and/or ``"auto"`` beta / C (``config.planned``).
 
-    * ``target_size``: the byte cap (or ``dense matrix bytes / ratio``) is spread over the matrices by
+    * ``target_size`` (the byte cap, or ``dense matrix bytes / ratio``) with ``size_rule="uniform"``: the smallest
+      one ratio whose exact file fits (each matrix at least its top pair whole).
+    * ``target_size`` with ``size_rule="spectral"``: the cap is spread over the matrices by
       :func:`impart_peft.budget.plan_budget`; if the exact file size is still above the cap, the matrix whose next
       smaller budget costs the least damage per byte saved steps down, until it fits.
     * ``"auto"`` without ``target_size``: every matrix at ``config.compression_ratio``, with the grid's beta, C
       that minimise its expected damage.
 
     Raises:
-        ValueError: the cap is too small; the message names the smallest size that works.
+        BudgetTooSmallError: the cap is too small; ``.smallest`` and the message name the smallest size that works.
     """
     keep_prob_fn = paper_keep_prob if config.allocation == "paper" else _rescaled_keep_prob
     spectra = {
