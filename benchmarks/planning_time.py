@@ -56,10 +56,11 @@ def _file_bytes(model) -> int:
 def _measure_pass(base, finetuned, config: ImPartConfig) -> float:
     finetuned_modules = dict(finetuned.named_modules())
     start = time.perf_counter()
-    for name, plan in plan_modules(base, config).items():
-        base_params = dict(base.get_submodule(name).named_parameters(recurse=False))
-        ft_params = dict(finetuned_modules[name].named_parameters(recurse=False))
-        measure_module(plan, base_params, ft_params, config)
+    with torch.no_grad():
+        for name, plan in plan_modules(base, config).items():
+            base_params = dict(base.get_submodule(name).named_parameters(recurse=False))
+            ft_params = dict(finetuned_modules[name].named_parameters(recurse=False))
+            measure_module(plan, base_params, ft_params, config)
     return time.perf_counter() - start
 
 
