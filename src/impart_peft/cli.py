@@ -25,7 +25,6 @@ import importlib
 import importlib.util
 import json
 import math
-import re
 import shlex
 import statistics
 import sys
@@ -212,6 +211,7 @@ def _writing(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    from .budget import BudgetTooSmallError
     from .checkpoint_compress import compress_checkpoints
     from .config import ImPartConfig
     from .inspection import inspect_adapter
@@ -242,14 +242,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             command=getattr(args, "command_line", None),
             **_writing(args),
         )
-    except ValueError as error:
-        smallest = _smallest_size(error) if args.size is not None else None
-        if smallest is None:
-            raise
+    except BudgetTooSmallError as error:
         raise ValueError(
             f"--size {args.size} is too small for this fine-tune: the smallest adapter (the top singular pair of "
-            f"each changed matrix kept whole, and the dense vectors) is {smallest} bytes ({_size(smallest)}); "
-            f"ask for --size {smallest} or more, or leave the embeddings out (--no-embeddings)"
+            f"each changed matrix kept whole, and the dense vectors) is {error.smallest} bytes "
+            f"({_size(error.smallest)}); ask for --size {error.smallest} or more, or leave the embeddings out "
+            "(--no-embeddings)"
         ) from error
     if not args.quiet:
         summary = inspect_adapter(output)
@@ -268,16 +266,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         result = push(str(output), args.push_to_hub)
         _say(args, f"pushed to {args.push_to_hub}: {getattr(result, 'commit_url', result)}")
     return 0
-
-
-def _smallest_size(error: ValueError) -> int | None:
-    """The smallest ``target_size`` that works, from a too-small-budget error: ``BudgetTooSmallError.smallest``, else
-    the ``target_size=N`` the planner's message asks for (``None`` if the error is about something else)."""
-    smallest = getattr(error, "smallest", None)
-    if isinstance(smallest, int) and not isinstance(smallest, bool):
-        return smallest
-    found = re.search(r"too small\b.*\btarget_size=([0-9]+)", " ".join(str(error).split()))
-    return int(found.group(1)) if found else None
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
