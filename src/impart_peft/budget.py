@@ -375,7 +375,8 @@ def plan_budget(
     PAIR_BYTES * pairs + overhead_bytes``. The Lagrangian ``sum D_i + lam * bytes_i`` is minimised for the ``lam``
     (found by bisection) whose total fits, then the bytes left are spent greedily on the upgrades with the most
     damage saved per byte, and what is still left one grid step at a time on the steps that raise the damage least
-    per byte (so the plan ends within one grid step of ``available_bytes``). Deterministic: ties go to the cheaper choice and to the earlier matrix.
+    per byte (so the plan ends within one grid step of ``available_bytes``). Deterministic: ties go to the cheaper
+    choice and to the earlier matrix.
 
     Raises:
         BudgetTooSmallError: ``available_bytes`` is below the smallest plan (every matrix its top pair whole).

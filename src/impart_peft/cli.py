@@ -26,7 +26,6 @@ import importlib.util
 import json
 import math
 import shlex
-import statistics
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -314,23 +313,9 @@ def _matrix_ratio(value: float | None) -> str:
 
 def _per_matrix(summary) -> dict[str, Any] | None:
     """What the modules of a planned adapter (target_size / "auto") record: the spread of their ratios, beta, C."""
-    recorded = [m.settings for m in summary.modules if m.settings is not None]
-    if not recorded:
-        return None
-    ratios = sorted(s["compression_ratio"] for s in recorded if s.get("compression_ratio") is not None)
+    from .modelcard import per_matrix_settings
 
-    def counts(key: str) -> dict[str, int]:
-        values = sorted(s[key] for s in recorded if s.get(key) is not None)
-        return {_setting(v): values.count(v) for v in dict.fromkeys(values)}
-
-    return {
-        "matrices": len(recorded),
-        "ratio_min": ratios[0] if ratios else None,
-        "ratio_median": statistics.median(ratios) if ratios else None,
-        "ratio_max": ratios[-1] if ratios else None,
-        "pre_prune_ratio_counts": counts("pre_prune_ratio"),
-        "importance_exponent_counts": counts("importance_exponent"),
-    }
+    return per_matrix_settings(summary.config.module_meta or {})
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -14,12 +14,10 @@ import torch
 from .checkpoint_io import AdapterTensors, load_adapter_config, resolve_folder
 from .config import ImPartConfig
 from .filenames import ADAPTER_PREFIX
+from .modelcard import SETTINGS_KEYS
 from .safetensors_io import itemsize
 
 __all__ = ["AdapterSummary", "ModuleSummary", "inspect_adapter"]
-
-# What module_meta records per matrix of a planned compression (planning.ModuleSettings.meta()).
-_SETTINGS = ("compression_ratio", "pre_prune_ratio", "importance_exponent")
 
 
 @dataclass
@@ -101,7 +99,9 @@ class AdapterSummary:
 
 
 def _recorded_settings(meta: dict) -> dict[str, float | None] | None:
-    return {key: meta.get(key) for key in _SETTINGS} if any(key in meta for key in _SETTINGS) else None
+    return (
+        {key: meta.get(key) for key in SETTINGS_KEYS} if any(key in meta for key in SETTINGS_KEYS) else None
+    )
 
 
 def inspect_adapter(adapter: str | os.PathLike) -> AdapterSummary:

@@ -240,6 +240,10 @@ def _literal(value: Any) -> str:
     return repr(value) if isinstance(value, str) else _number(value)
 
 
+# What module_meta records per matrix of a planned compression (planning.ModuleSettings.meta()).
+SETTINGS_KEYS = ("compression_ratio", "pre_prune_ratio", "importance_exponent")
+
+
 def _recorded(meta: Mapping[str, Mapping[str, Any]], key: str) -> list[Any]:
     """The per-matrix settings a planned compression (``target_size`` / ``"auto"``) recorded in ``module_meta``."""
     return [
@@ -247,15 +251,44 @@ def _recorded(meta: Mapping[str, Mapping[str, Any]], key: str) -> list[Any]:
     ]
 
 
+def per_matrix_settings(module_meta: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The spread of what a planned compression recorded per matrix (``None`` if nothing was): ``matrices`` (how
+    many record settings), ``ratio_min`` / ``ratio_median`` / ``ratio_max`` (``None`` if lossless), and
+    ``pre_prune_ratio_counts`` / ``importance_exponent_counts`` (``{"0.8": 5, ...}``, ascending). The model card and
+    ``impart inspect`` both show it."""
+    matrices = sum(
+        1
+        for entry in module_meta.values()
+        if isinstance(entry, Mapping) and any(key in entry for key in SETTINGS_KEYS)
+    )
+    if not matrices:
+        return None
+    ratios = sorted(_recorded(module_meta, "compression_ratio"))
+
+    def counts(key: str) -> dict[str, int]:
+        values = sorted(_recorded(module_meta, key))
+        return {_number(v): values.count(v) for v in dict.fromkeys(values)}
+
+    return {
+        "matrices": matrices,
+        "ratio_min": ratios[0] if ratios else None,
+        "ratio_median": statistics.median(ratios) if ratios else None,
+        "ratio_max": ratios[-1] if ratios else None,
+        "pre_prune_ratio_counts": counts("pre_prune_ratio"),
+        "importance_exponent_counts": counts("importance_exponent"),
+    }
+
+
 def _setting_cell(data: Mapping[str, Any], key: str) -> str:
     """The table cell of beta or C: the value, or ``auto`` with what was chosen per matrix (``0.6 x3, 0.8 x5``)."""
     value = data.get(key)
     if value != "auto":
         return _number(value)
-    chosen = sorted(_recorded(data.get("module_meta") or {}, key))
+    per_matrix = per_matrix_settings(data.get("module_meta") or {})
+    chosen = per_matrix[f"{key}_counts"] if per_matrix else {}
     if not chosen:
         return "auto"
-    counts = ", ".join(f"{_number(v)} x{chosen.count(v)}" for v in dict.fromkeys(chosen))
+    counts = ", ".join(f"{v} x{n}" for v, n in chosen.items())
     return f"auto, chosen per matrix from its spectrum: {counts}"
 
 
@@ -430,12 +463,11 @@ def build_model_card(
         f"| Compression ratio, values (dense delta values / stored U, V values) | {_ratio(stats.values_ratio)} |",
         f"| Compression ratio, on disk (dense delta bytes / adapter file bytes) | {_ratio(stats.disk_ratio)} |",
     ]
-    matrix_ratios = sorted(_recorded(data.get("module_meta") or {}, "compression_ratio"))
-    if matrix_ratios:
-        median = statistics.median(matrix_ratios)
+    per_matrix = per_matrix_settings(data.get("module_meta") or {})
+    if per_matrix and per_matrix["ratio_min"] is not None:
         lines.append(
             "| Compression ratio per matrix, min / median / max | "
-            + " / ".join(f"{float(v):.2f}" for v in (matrix_ratios[0], median, matrix_ratios[-1]))
+            + " / ".join(f"{float(per_matrix[k]):.2f}" for k in ("ratio_min", "ratio_median", "ratio_max"))
             + " |"
         )
     lines += [
