@@ -769,9 +769,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body[: max(0, failure.after_bytes - start)])
         self.wfile.flush()
         self.close_connection = True
+        # Logged before the cut: once the client sees it, it retries on another thread, whose entry must come after.
+        self.hub.log.append((self.command, self.path, -1))
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        self.hub.log.append((self.command, self.path, -1))
 
 
 _ROUTES: list[tuple[str, str, Any]] = [
